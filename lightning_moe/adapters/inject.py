@@ -1,0 +1,137 @@
+"""`inject(model, rules)`: put adapters into any torch model, in place, and freeze the rest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lightning_moe.adapters.config import AdapterConfig, AdapterRule
+from lightning_moe.adapters.errors import AdapterConfigError
+from lightning_moe.adapters.layer import AdaptedLinear, build_adapter
+from lightning_moe.adapters.moe import MoELoraAdapter
+from lightning_moe.adapters.routing import RoutingCollector
+
+
+@dataclass
+class InjectionReport:
+    """What `inject` did: adapted module names with their kind, parameter counts, and the
+    collector that the model's routers report to."""
+
+    adapted: dict[str, str]
+    trainable_parameters: int
+    total_parameters: int
+    collector: RoutingCollector = field(repr=False)
+
+    def summary(self) -> str:
+        kinds = sorted(set(self.adapted.values()))
+        share = 100.0 * self.trainable_parameters / max(self.total_parameters, 1)
+        return (
+            f"adapted {len(self.adapted)} linear layers ({', '.join(kinds)}); trainable parameters: "
+            f"{self.trainable_parameters:,} of {self.total_parameters:,} ({share:.3f}%)"
+        )
+
+
+def matches(name: str, pattern: str, regex: bool) -> bool:
+    if regex:
+        return re.fullmatch(pattern, name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def plan_injection(model: nn.Module, rules: list[AdapterRule]) -> dict[str, AdapterConfig]:
+    """Resolve rules to {module name: adapter config}, failing loudly on any mismatch."""
+    modules = dict(model.named_modules())
+    plan: dict[str, AdapterConfig] = {}
+    claimed_by: dict[str, str] = {}
+    for rule in rules:
+        for pattern in rule.targets:
+            names = [name for name in modules if name and matches(name, pattern, rule.regex)]
+            if not names:
+                raise AdapterConfigError(
+                    f"target pattern {pattern!r} matched no module of {type(model).__name__}; "
+                    f"linear layers look like: {_example_linear_names(modules)}"
+                )
+            for name in names:
+                _check_target(name, pattern, modules)
+                if name in plan:
+                    raise AdapterConfigError(
+                        f"module {name!r} is matched by both {claimed_by[name]!r} and {pattern!r}; "
+                        "each layer takes one adapter"
+                    )
+                plan[name] = rule.adapter
+                claimed_by[name] = pattern
+    return plan
+
+
+def inject(model: nn.Module, rules: list[AdapterRule], freeze_base: bool = True) -> InjectionReport:
+    """Replace every matched nn.Linear by an `AdaptedLinear` (in place) and freeze the rest.
+
+    Raises `AdapterConfigError` before touching the model when a pattern matches nothing, a
+    match is not a linear layer the model calls, or two rules claim the same layer.
+    """
+    plan = plan_injection(model, rules)
+    if freeze_base:
+        model.requires_grad_(False)
+    collector = RoutingCollector()
+    for name, config in plan.items():
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base_layer = getattr(parent, attribute)
+        adapted = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
+        if isinstance(adapted.adapter, MoELoraAdapter):
+            adapted.adapter.layer_name = name
+            adapted.adapter.collector = collector
+        setattr(parent, attribute, adapted)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return InjectionReport({n: c.kind for n, c in plan.items()}, trainable, total, collector)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def routing_collector(model: nn.Module) -> RoutingCollector | None:
+    """The collector the model's routers share (None when it has no routed adapter)."""
+    for _, layer in adapted_layers(model):
+        if isinstance(layer.adapter, MoELoraAdapter):
+            return layer.adapter.collector
+    return None
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+def _check_target(name: str, pattern: str, modules: dict[str, nn.Module]) -> None:
+    module = modules[name]
+    if isinstance(module, AdaptedLinear):
+        raise AdapterConfigError(f"module {name!r} (pattern {pattern!r}) already has an adapter")
+    if not isinstance(module, nn.Linear):
+        raise AdapterConfigError(
+            f"pattern {pattern!r} matched {name!r}, a {type(module).__name__}; adapters attach to nn.Linear layers"
+        )
+    parent = modules[name.rpartition(".")[0]]
+    if isinstance(parent, nn.MultiheadAttention):
+        raise AdapterConfigError(
+            f"pattern {pattern!r} matched {name!r} inside nn.MultiheadAttention, which reads its projection "
+            "weights directly instead of calling the layer; an adapter there would be silently ignored"
+        )
+
+
+def _example_linear_names(modules: dict[str, nn.Module], limit: int = 6) -> str:
+    names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    if not names:
+        return "(this model has no nn.Linear layers)"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -1,0 +1,81 @@
+"""`AdaptedLinear`: a frozen linear layer plus the output of one adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.adapters.config import AdapterConfig
+from lightning_moe.adapters.errors import AdapterConfigError
+from lightning_moe.adapters.lora import LoraAdapter
+from lightning_moe.adapters.moe import MoELoraAdapter
+
+ADAPTER_CLASSES: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "moe": MoELoraAdapter}
+
+
+def build_adapter(config: AdapterConfig, base_layer: nn.Linear) -> nn.Module:
+    return ADAPTER_CLASSES[config.kind](base_layer, config)
+
+
+class AdaptedLinear(nn.Module):
+    """Keeps the original layer as `base_layer` (frozen) and adds `adapter(x)` to its output.
+
+    Plain LoRA can be merged into the base weight (then forward is just the base layer) and
+    unmerged again.
+    """
+
+    def __init__(self, base_layer: nn.Linear, adapter: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.config = config
+        self.merged = False
+
+    # Model code sometimes reads these from its linears (dtype checks, tied weights).
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.adapter(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        self.base_layer.weight += self._delta_weight()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight -= self._delta_weight()
+        self.merged = False
+
+    def _delta_weight(self) -> Tensor:
+        if not isinstance(self.adapter, LoraAdapter):
+            raise AdapterConfigError(
+                f"only plain LoRA can be merged into the base weight; this layer has a {self.config.kind!r} "
+                "adapter, whose update depends on the input (routing)"
+            )
+        return self.adapter.delta_weight().to(self.base_layer.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.config.kind}, merged={self.merged}"
+

@@ -1,0 +1,89 @@
+"""A mixture of LoRA experts: a token router in front of a bank of stacked experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.adapters.backends import BACKENDS
+from lightning_moe.adapters.config import MoELoraConfig
+from lightning_moe.adapters.lora import kaiming_uniform_rows_
+from lightning_moe.adapters.routing import RoutingCollector, RoutingRecord, TopKRouter
+
+
+class ExpertBank(nn.Module):
+    """E LoRA experts stored stacked (A: [E, r, in], B: [E, out, r]) so one set of weights
+    serves every compute backend and shards as one unit."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            for expert_A in self.lora_A:  # each expert gets nn.Linear's init for its own [r, in]
+                kaiming_uniform_rows_(expert_A)
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: Tensor, indices: Tensor, weights: Tensor, backend: str = "dense") -> Tensor:
+        """x: [N, in]; indices, weights: [N, k] -> [N, out]."""
+        x = self.dropout(x.to(self.lora_A.dtype))
+        weights = (weights * self.scaling).to(x.dtype)
+        return BACKENDS[backend](x, self.lora_A, self.lora_B, indices, weights)
+
+
+class MoELoraAdapter(nn.Module):
+    """Router + expert bank; the delta of one adapted linear layer.
+
+    `layer_name` and `collector` are set by `inject`: the router's decisions go to the collector
+    (when it is capturing) instead of changing what this module returns.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: MoELoraConfig) -> None:
+        super().__init__()
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.router = TopKRouter(
+            base_layer.in_features,
+            config.num_experts,
+            config.top_k,
+            gradient=config.router_gradient,
+            jitter_noise=config.jitter_noise,
+            **factory,
+        )
+        self.experts = ExpertBank(
+            config.num_experts,
+            base_layer.in_features,
+            base_layer.out_features,
+            config.rank,
+            config.scaling,
+            config.dropout,
+            **factory,
+        )
+        self.backend = config.backend
+        self.layer_name = ""
+        self.collector: RoutingCollector | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead_shape = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        indices, weights, logits = self.router(flat)
+        if self.collector is not None:
+            self.collector.record(
+                RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), indices.view(*lead_shape, -1))
+            )
+        delta = self.experts(flat, indices, weights, self.backend)
+        return delta.view(*lead_shape, delta.shape[-1])
