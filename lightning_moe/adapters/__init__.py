@@ -14,7 +14,7 @@ from lightning_moe.adapters.config import (
     mixlora_rules,
     mole_rules,
 )
-from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
+from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError, UserInputError
 from lightning_moe.adapters.inject import (
     InjectionReport,
     adapted_layers,
@@ -34,6 +34,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterConfigError",
     "AdapterRule",
+    "UserInputError",
     "InjectionReport",
     "LoraConfig",
     "MoELoraConfig",

@@ -60,7 +60,8 @@ def load_balance_loss(
             fraction = assigned.sum(dim=reduce_dims) / (tokens * record.top_k)
             mean_prob = probs.sum(dim=reduce_dims) / tokens
             per_sample = record.num_experts * (fraction * mean_prob).sum(dim=-1)
-            losses.append(per_sample[has_tokens].mean())
+            # samples without real tokens do not count; 0 (not NaN) when no sample has any
+            losses.append(per_sample[has_tokens].sum() / has_tokens.sum().clamp_min(1))
         else:
             tokens = token_mask.sum().clamp_min(1.0)
             fraction = assigned.flatten(0, -2).sum(0) / (tokens * record.top_k)

@@ -7,7 +7,7 @@ and lets `adapter_config.json` rebuild the same adapter later.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from lightning_moe.adapters.errors import AdapterConfigError
@@ -18,21 +18,9 @@ RouterGradient = Literal["prob", "straight_through"]
 
 
 @dataclass
-class LoraConfig:
-    """Plain LoRA: frozen W plus scaling * B @ A.
+class LowRankConfig:
+    """Fields every low-rank adapter shares (see `LoraConfig` for their meaning)."""
 
-    Args:
-        kind: Adapter kind tag, always "lora".
-        rank: Rank r of the update.
-        alpha: Scaling numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA).
-        dropout: Dropout on the adapter input during training.
-        use_rslora: Rank-stabilised scaling alpha / sqrt(r).
-        init: "kaiming" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
-            "pissa" (A, B from the top-r singular vectors of W; the frozen W is not modified,
-            the initial principal part is subtracted instead so the start equals the base model).
-    """
-
-    kind: Literal["lora"] = "lora"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -54,11 +42,34 @@ class LoraConfig:
 
 
 @dataclass
-class MoELoraConfig(LoraConfig):
+class LoraConfig(LowRankConfig):
+    """Plain LoRA: frozen W plus scaling * B @ A.
+
+    Args:
+        kind: Adapter kind tag, always "lora".
+        rank: Rank r of the update.
+        alpha: Scaling numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA).
+        dropout: Dropout on the adapter input during training.
+        use_rslora: Rank-stabilised scaling alpha / sqrt(r).
+        init: "kaiming" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
+            "pissa" (A, B from the top-r singular vectors of W; the frozen W is not modified,
+            the initial principal part is subtracted instead so the start equals the base model).
+    """
+
+    kind: Literal["lora"] = "lora"
+
+
+@dataclass
+class MoELoraConfig(LowRankConfig):
     """A mixture of LoRA experts behind a token-level top-k router (MoLE: top-1; MixLoRA: top-2).
 
     Args:
         kind: Adapter kind tag, always "moe".
+        rank: Rank r of every expert.
+        alpha: Scaling numerator, as in `LoraConfig`.
+        dropout: Dropout on the expert input during training.
+        use_rslora: Rank-stabilised scaling alpha / sqrt(r).
+        init: Expert init: "kaiming" or "gaussian" A, B = 0 ("pissa" is not defined for experts).
         num_experts: Number of LoRA experts E (stacked as A: [E, r, in], B: [E, out, r]).
         top_k: Experts per token. With top_k > 1 the chosen probabilities are renormalised.
         router_gradient: For top-1 only: "prob" scales the expert output by its probability
@@ -83,13 +94,20 @@ class MoELoraConfig(LoraConfig):
             raise AdapterConfigError(
                 f"top_k must be between 1 and num_experts={self.num_experts}, got top_k={self.top_k}"
             )
+        if self.init == "pissa":
+            raise AdapterConfigError("init='pissa' applies to plain LoRA; MoE experts use 'kaiming' or 'gaussian'")
         if self.jitter_noise < 0:
             raise AdapterConfigError(f"jitter_noise must be >= 0, got jitter_noise={self.jitter_noise}")
+        if self.router_gradient == "straight_through" and self.top_k > 1:
+            raise AdapterConfigError(
+                f"router_gradient='straight_through' is defined for top_k=1 only (top_k > 1 renormalises "
+                f"the chosen probabilities), got top_k={self.top_k}"
+            )
 
 
 AdapterConfig = LoraConfig | MoELoraConfig
 
-CONFIG_KINDS: dict[str, type[LoraConfig]] = {"lora": LoraConfig, "moe": MoELoraConfig}
+CONFIG_KINDS: dict[str, type[LowRankConfig]] = {"lora": LoraConfig, "moe": MoELoraConfig}
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
@@ -117,7 +135,7 @@ class AdapterRule:
     """
 
     targets: list[str]
-    adapter: AdapterConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig
     regex: bool = False
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_moe.adapters.config import AdapterConfig, AdapterRule
 from lightning_moe.adapters.errors import AdapterConfigError
 from lightning_moe.adapters.layer import AdaptedLinear, build_adapter
+from lightning_moe.adapters.lora import LoraAdapter
 from lightning_moe.adapters.moe import MoELoraAdapter
 from lightning_moe.adapters.routing import RoutingCollector
 
@@ -104,7 +105,15 @@ def routing_collector(model: nn.Module) -> RoutingCollector | None:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    for _, layer in adapted_layers(model):
+    """Merge every adapter into its base weight; if any layer cannot be merged, merge none."""
+    layers = list(adapted_layers(model))
+    for name, layer in layers:
+        if not isinstance(layer.adapter, LoraAdapter):
+            raise AdapterConfigError(
+                f"cannot merge layer {name!r}: it has a {layer.config.kind!r} adapter, whose update depends on "
+                "the input (routing); only plain LoRA merges into the base weight (nothing was merged)"
+            )
+    for _, layer in layers:
         layer.merge()
 
 

@@ -23,6 +23,7 @@ class ExpertBank(nn.Module):
         rank: int,
         scaling: float,
         dropout: float = 0.0,
+        init: str = "kaiming",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -32,8 +33,11 @@ class ExpertBank(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
-            for expert_A in self.lora_A:  # each expert gets nn.Linear's init for its own [r, in]
-                kaiming_uniform_rows_(expert_A)
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / rank)
+            else:
+                for expert_A in self.lora_A:  # each expert gets nn.Linear's init for its own [r, in]
+                    kaiming_uniform_rows_(expert_A)
 
     @property
     def num_experts(self) -> int:
@@ -71,6 +75,7 @@ class MoELoraAdapter(nn.Module):
             config.rank,
             config.scaling,
             config.dropout,
+            config.init,
             **factory,
         )
         self.backend = config.backend

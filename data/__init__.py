@@ -1,0 +1,1 @@
+"""Shared DataModules and dataset readers (imports neither tasks nor the CLI)."""

@@ -1,0 +1,214 @@
+"""`AdapterModule`: the LightningModule every domain task builds on.
+
+`configure_model` builds the frozen base, injects adapters (or loads a saved adapter folder),
+and optionally compiles; it is idempotent. Checkpoints hold adapter/router/trainable weights
+only, plus a fingerprint of the base so a checkpoint is never silently applied to another
+base. Router auxiliary losses are added to the task loss, and routing statistics are logged.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_moe.adapters import (
+    AdapterRule,
+    InjectionReport,
+    inject,
+    load_adapter,
+    load_balance_loss,
+    router_z_loss,
+    routing_collector,
+    routing_statistics,
+)
+from lightning_moe.adapters.aux_losses import BalanceScope
+from lightning_moe.adapters.checkpoint import base_fingerprint, check_fingerprint, read_adapter_config, save_adapter
+from lightning_moe.adapters.errors import AdapterCheckpointError, UserInputError
+from lightning_moe.routing_logging import log_routing_statistics
+
+
+@dataclass
+class RouterLoss:
+    """Auxiliary router losses added to the task loss.
+
+    Args:
+        balance_coef: Weight of the Switch/Mixtral load-balancing loss (1.0 when balanced).
+        z_coef: Weight of the router z-loss.
+        balance_scope: "batch" balances over all tokens of the batch, "sample" per sequence.
+    """
+
+    balance_coef: float = 0.01
+    z_coef: float = 0.0
+    balance_scope: BalanceScope = "batch"
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+class AdapterModule(L.LightningModule):
+    """Base task: subclasses implement `build_model()` and `task_loss(batch)`.
+
+    Args:
+        adapters: Injection rules: which modules get which adapter (LoRA, MoE, ...).
+        adapter_path: A saved adapter folder to start from instead of fresh adapters from `adapters`.
+        router_loss: Auxiliary router losses.
+        optimizer: Optimizer factory, called with parameter groups ("adapters", "routers", "extra").
+        scheduler: Optional learning-rate scheduler factory (stepped every optimizer step).
+        router_lr: Learning rate of the routers (None: the optimizer's).
+        extra_lr: Learning rate of other trainable modules such as projectors (None: the optimizer's).
+        compile: Compile the adapted model in `configure_model` (nn.Module.compile, keys unchanged).
+        routing_log_every_n_steps: How often routing statistics go to the logger.
+    """
+
+    def __init__(
+        self,
+        adapters: list[AdapterRule] | None = None,
+        adapter_path: str | None = None,
+        router_loss: RouterLoss | None = None,
+        optimizer: OptimizerCallable = _adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        router_lr: float | None = None,
+        extra_lr: float | None = None,
+        compile: bool = False,
+        routing_log_every_n_steps: int = 25,
+    ) -> None:
+        super().__init__()
+        if not adapters and not adapter_path:
+            raise UserInputError("give `adapters` (injection rules) or `adapter_path` (a saved adapter folder)")
+        self.adapter_rules = list(adapters or [])
+        self.adapter_path = adapter_path
+        self.router_loss = router_loss or RouterLoss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.router_lr = router_lr
+        self.extra_lr = extra_lr
+        self.compile_model = compile
+        self.routing_log_every_n_steps = routing_log_every_n_steps
+        self.model: nn.Module | None = None
+        self.injection: InjectionReport | None = None
+
+    # --- what a task provides -------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """Build (or load) the frozen base model."""
+        raise NotImplementedError
+
+    def task_loss(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """Return the task loss and the token mask that routing losses should use (or None)."""
+        raise NotImplementedError
+
+    def extra_trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules outside the adapters that train and are checkpointed (e.g. a projector)."""
+        return {}
+
+    # --- model life cycle -----------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = self.build_model()
+        if self.adapter_path:
+            self.injection = load_adapter(model, self.adapter_path)
+        else:
+            self.injection = inject(model, self.adapter_rules)
+        self.model = model
+        for module in self.extra_trainable_modules().values():
+            module.requires_grad_(True)
+        if self.compile_model:
+            self.model.compile()
+        rank_zero_info(self.injection.summary())
+
+    def export_adapter(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
+        """Write the adapters in the stand-alone format (adapter_config.json + safetensors)."""
+        rules = self.adapter_rules or self._rules_from_adapter_path()
+        save_adapter(self.model, rules, folder, base_model=base_model, overwrite=overwrite)
+
+    def _rules_from_adapter_path(self) -> list[AdapterRule]:
+        return [AdapterRule.from_dict(rule) for rule in read_adapter_config(self.adapter_path)["rules"]]
+
+    # --- checkpoints: trainable state only ------------------------------------------------
+    def _checkpoint_key(self, key: str, trainable: set[str]) -> bool:
+        extra = tuple(f"{name}." for name in self.extra_trainable_modules())
+        return ".adapter." in key or key in trainable or key.startswith(extra)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if self._checkpoint_key(k[len(prefix) :], trainable)}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        expected = set(self.state_dict())
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise AdapterCheckpointError(
+                f"checkpoint does not fit this model's adapters: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["base_fingerprint"] = base_fingerprint(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "base_fingerprint" in checkpoint:
+            check_fingerprint(self.model, checkpoint["base_fingerprint"], "checkpoint")
+
+    # --- steps ----------------------------------------------------------------------------
+    def _loss_with_router_terms(self, batch: Any, stage: str) -> Tensor:
+        collector = routing_collector(self.model)
+        with collector.capture() if collector else nullcontext({}) as records:
+            task_loss, token_mask = self.task_loss(batch)
+        loss = task_loss
+        self.log(f"{stage}/task_loss", task_loss, prog_bar=stage == "train", sync_dist=stage != "train")
+        if records:
+            balance = load_balance_loss(records, token_mask, self.router_loss.balance_scope)
+            z_loss = router_z_loss(records, token_mask)
+            loss = loss + self.router_loss.balance_coef * balance + self.router_loss.z_coef * z_loss
+            self.log(f"{stage}/balance_loss", balance, sync_dist=stage != "train")
+            self.log(f"{stage}/z_loss", z_loss, sync_dist=stage != "train")
+            if stage == "train" and self.global_step % self.routing_log_every_n_steps == 0:
+                log_routing_statistics(self, routing_statistics(records, token_mask), records, stage)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._loss_with_router_terms(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._loss_with_router_terms(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._loss_with_router_terms(batch, "test")
+
+    # --- optimisation ---------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        groups: dict[str, list[nn.Parameter]] = {"adapters": [], "routers": [], "extra": []}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if ".router." in name:
+                groups["routers"].append(parameter)
+            elif ".adapter." in name:
+                groups["adapters"].append(parameter)
+            else:
+                groups["extra"].append(parameter)
+        lrs = {"routers": self.router_lr, "extra": self.extra_lr}
+        return [
+            {"params": params, "name": name} | ({"lr": lrs[name]} if lrs.get(name) is not None else {})
+            for name, params in groups.items()
+            if params
+        ]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,1 @@
+"""One LightningModule per domain, all built on `lightning_moe.module.AdapterModule`."""

@@ -1,0 +1,67 @@
+"""Causal language-model fine-tuning with any adapter kind (LoRA, MoLE, MixLoRA) on a frozen LM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.module import AdapterModule
+
+
+def build_causal_lm(
+    name_or_path: str | None, config: dict | None, seed: int, dtype: torch.dtype
+) -> nn.Module:
+    """A pretrained LM from a folder/hub id, or a randomly initialised one from a config dict."""
+    if (name_or_path is None) == (config is None):
+        raise UserInputError("give exactly one of `model` (a folder or hub id) and `model_config` (a config dict)")
+    if name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise UserInputError(f"model_config needs a 'model_type' (e.g. 'llama'); got keys {sorted(config)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same config always gives the same base weights
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=dtype)
+
+
+class CausalLMTask(AdapterModule):
+    """Supervised fine-tuning of a causal LM; the loss covers the labelled (completion) tokens.
+
+    Args:
+        model: A Hugging Face model folder or hub id.
+        model_config: Instead of `model`: a config dict (with `model_type`) for a randomly
+            initialised model, e.g. a tiny Llama for tests and smoke runs.
+        model_seed: Seed for the random initialisation of a `model_config` model.
+        dtype: Parameter dtype of the base model ("float32" or "bfloat16").
+        **kwargs: Adapter and optimisation settings of `AdapterModule`.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        model_seed: int = 0,
+        dtype: str = "float32",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model_name_or_path = model
+        self.model_config = model_config
+        self.model_seed = model_seed
+        self.dtype_name = dtype
+
+    def build_model(self) -> nn.Module:
+        return build_causal_lm(
+            self.model_name_or_path, self.model_config, self.model_seed, getattr(torch, self.dtype_name)
+        )
+
+    def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        output = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        return output.loss, batch["attention_mask"]

@@ -1,0 +1,68 @@
+"""Every YAML under configs/ runs through the CLI exactly as its first line says."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_moe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def launch_args(config: Path) -> list[str]:
+    """The arguments of the `python -m lightning_moe ...` command on the config's first line."""
+    first_line = config.read_text().splitlines()[0]
+    prefix = "# python -m lightning_moe "
+    assert first_line.startswith(prefix), f"{config} must start with its launch command"
+    args = shlex.split(first_line.removeprefix(prefix))
+    return [str(REPO / a) if a.endswith(".yaml") else a for a in args]
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_config_prints_a_config_that_parses_again(config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = launch_args(config)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path" in yaml.safe_load(printed)["model"]
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main([args[0], "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main([*launch_args(config), "--trainer.fast_dev_run=2"])
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 2
+
+
+def test_bad_adapter_option_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs/smoke/mole_tiny_llama.yaml"
+    bad = "[{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, top_k: 3}}]"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), f"--model.init_args.adapters={bad}"])
+    assert str(exit_info.value.code) == "error: top_k must be between 1 and num_experts=2, got top_k=3"
+
+
+def test_unmatched_target_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs/smoke/mole_tiny_llama.yaml"
+    bad = "[{targets: [mlp.nothing_here], adapter: {kind: lora}}]"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), f"--model.init_args.adapters={bad}"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: target pattern 'mlp.nothing_here' matched no module")
+    assert not list(tmp_path.rglob("*.ckpt"))
