@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.collate import PromptCompletion, collate_prompt_completion
-from lightning_moe.data.sampling import EpochSeededSampler
+from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.tokenization import load_tokenizer
 
 LETTERS = "abcdefgh"
@@ -101,7 +101,7 @@ class SyntheticTextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         examples = self.splits[split]
-        sampler = EpochSeededSampler(len(examples), self.seed) if shuffle else None
+        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size) if shuffle else None
         collate = partial(collate_prompt_completion, pad_token_id=self.tokenizer.pad_token_id)
         return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 

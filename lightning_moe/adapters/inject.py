@@ -81,6 +81,7 @@ def inject(model: nn.Module, rules: list[AdapterRule], freeze_base: bool = True)
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, attribute)
         adapted = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
+        adapted.train(base_layer.training)  # new modules start in train mode; follow the model's mode
         if isinstance(adapted.adapter, MoELoraAdapter):
             adapted.adapter.layer_name = name
             adapted.adapter.collector = collector

@@ -1,0 +1,147 @@
+"""The base LightningModule through real CLI runs: checkpoints, resume, logging, optimiser groups."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_moe.adapters import AdapterCheckpointError, AdapterRule, LoraConfig, MoELoraConfig
+from lightning_moe.cli import main
+from lightning_moe.module import RouterLoss
+from lightning_moe.tasks.causal_lm import CausalLMTask
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs/smoke/mole_tiny_llama.yaml")
+SMALL_RUN = [
+    "--data.init_args.train_size=32",
+    "--data.init_args.batch_size=8",
+    "--trainer.log_every_n_steps=1",
+    "--model.init_args.routing_log_every_n_steps=2",
+]
+
+
+def fit(name: str, *extra: str):
+    return main(["fit", "--config", SMOKE, *SMALL_RUN, f"--trainer.logger.init_args.name={name}", *extra])
+
+
+def run_dir(name: str) -> Path:
+    (version,) = Path("runs/smoke", name).glob("version_*")
+    return version
+
+
+def test_fit_logs_routing_and_saves_adapter_only_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit("run", "--trainer.max_steps=4")
+    directory = run_dir("run")
+
+    checkpoint = torch.load(directory / "checkpoints/last.ckpt", weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(".adapter." in key for key in keys)
+    assert not any("embed_tokens" in key or key.endswith("base_layer.weight") for key in keys)
+    assert "base_fingerprint" in checkpoint
+
+    exported = load_file(directory / "adapter/adapter_model.safetensors")
+    assert set(exported) == {key.removeprefix("model.").replace(".adapter.", ".") for key in keys}
+
+    events = EventAccumulator(str(directory), size_guidance={"images": 0, "histograms": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ["train/task_loss", "train/balance_loss", "train/router_entropy", "train/dead_experts",
+                "routing/model.layers.0.mlp.up_proj/entropy", "routing/model.layers.1.mlp.down_proj/dead_experts"]:
+        assert tag in scalars
+    assert "routing_experts/model.layers.0.mlp.gate_proj" in events.Tags()["histograms"]
+    assert "train/expert_load" in events.Tags()["images"]
+
+
+EVERY_TWO_STEPS = (
+    "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+    "init_args: {every_n_train_steps: 2, save_top_k: -1}}, {class_path: lightning_moe.callbacks.ExportAdapter}]"
+)
+
+
+@pytest.mark.parametrize("resume_step", [4, 6], ids=["epoch_boundary", "mid_epoch"])
+def test_resume_from_checkpoint_continues_exactly(tmp_path, monkeypatch, resume_step):
+    # 32 examples / batch 8 = 4 steps per epoch
+    monkeypatch.chdir(tmp_path)
+    fit("straight", "--trainer.max_steps=8", EVERY_TWO_STEPS)
+    (checkpoint,) = (run_dir("straight") / "checkpoints").glob(f"*step={resume_step}.ckpt")
+    cli = fit("resumed", "--trainer.max_steps=8", EVERY_TWO_STEPS, f"--ckpt_path={checkpoint}")
+    assert cli.trainer.global_step == 8
+    straight = load_file(run_dir("straight") / "adapter/adapter_model.safetensors")
+    resumed = load_file(run_dir("resumed") / "adapter/adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert any(not torch.equal(saved["model." + k.replace("experts.", "adapter.experts.")], straight[k])
+               for k in straight if "experts." in k)
+
+
+def test_checkpoint_of_another_base_is_refused_on_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit("base0", "--trainer.max_steps=2")
+    last = run_dir("base0") / "checkpoints/last.ckpt"
+    with pytest.raises(SystemExit, match="different base model"):
+        fit("base1", "--trainer.max_steps=4", "--model.init_args.model_seed=1", f"--ckpt_path={last}")
+
+
+def _task(tiny_llama_config, **kwargs) -> CausalLMTask:
+    rules = [
+        AdapterRule(["mlp.up_proj"], MoELoraConfig(num_experts=4, top_k=2)),
+        AdapterRule(["self_attn.q_proj"], LoraConfig(rank=4)),
+    ]
+    task = CausalLMTask(model_config=tiny_llama_config, adapters=rules, **kwargs)
+    task.configure_model()
+    return task
+
+
+def test_configure_model_is_idempotent(tiny_llama_config):
+    task = _task(tiny_llama_config)
+    model = task.model
+    task.configure_model()
+    assert task.model is model
+    assert not any(name.endswith("base_layer.base_layer") for name, _ in model.named_modules())
+
+
+def test_parameter_groups_give_routers_their_own_learning_rate(tiny_llama_config):
+    task = _task(tiny_llama_config, router_lr=0.5)
+    optimizer = task.configure_optimizers()
+    by_name = {group["name"]: group for group in optimizer.param_groups}
+    assert by_name["routers"]["lr"] == 0.5
+    assert by_name["adapters"]["lr"] == 2e-4
+    router_params = {id(p) for p in by_name["routers"]["params"]}
+    expected = {id(p) for n, p in task.named_parameters() if n.endswith("router.gate.weight")}
+    assert router_params == expected and len(expected) == 2
+    trainable = {id(p) for p in task.parameters() if p.requires_grad}
+    assert trainable == {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_router_losses_are_added_with_their_coefficients(tiny_llama_config):
+    batch = {
+        "input_ids": torch.randint(0, 259, (2, 6)),
+        "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+    }
+    batch["labels"] = batch["input_ids"]
+    plain = _task(tiny_llama_config, router_loss=RouterLoss(balance_coef=0.0, z_coef=0.0))
+    weighted = _task(tiny_llama_config, router_loss=RouterLoss(balance_coef=0.5, z_coef=0.25))
+    weighted.load_state_dict(plain.state_dict())
+    from lightning_moe.adapters import load_balance_loss, router_z_loss, routing_collector
+
+    with routing_collector(weighted.model).capture() as records:
+        weighted.task_loss(batch)
+    expected = (
+        plain._loss_with_router_terms(batch, "train")
+        + 0.5 * load_balance_loss(records, batch["attention_mask"])
+        + 0.25 * router_z_loss(records, batch["attention_mask"])
+    )
+    torch.testing.assert_close(weighted._loss_with_router_terms(batch, "train"), expected)
+
+
+def test_state_dict_is_trainable_state_and_loading_a_mismatch_fails(tiny_llama_config):
+    task = _task(tiny_llama_config)
+    state = task.state_dict()
+    assert all(".adapter." in key for key in state)
+    del state[next(iter(state))]
+    with pytest.raises(AdapterCheckpointError, match="missing"):
+        task.load_state_dict(state)
