@@ -91,17 +91,23 @@ class SyntheticTextDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         for split, size in self.sizes.items():
             rng = random.Random(self.seed + SPLIT_SEED_OFFSET[split])
-            self.splits[split] = [self._example(rng, self.domains[i % len(self.domains)]) for i in range(size)]
+            self.splits[split] = [
+                self._example(rng, self.domains[i % len(self.domains)]) for i in range(size)
+            ]
 
     def _example(self, rng: random.Random, domain: str) -> PromptCompletion:
         prompt, completion = DOMAINS[domain](rng)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        completion_ids = self.tokenizer(completion, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        completion_ids = self.tokenizer(completion, add_special_tokens=False).input_ids + [
+            self.tokenizer.eos_token_id
+        ]
         return PromptCompletion(prompt_ids, completion_ids, domain)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         examples = self.splits[split]
-        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size) if shuffle else None
+        sampler = (
+            resumed_training_sampler(self, len(examples), self.seed, self.batch_size) if shuffle else None
+        )
         collate = partial(collate_prompt_completion, pad_token_id=self.tokenizer.pad_token_id)
         return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 

@@ -29,7 +29,12 @@ from lightning_moe.adapters import (
     routing_statistics,
 )
 from lightning_moe.adapters.aux_losses import BalanceScope
-from lightning_moe.adapters.checkpoint import base_fingerprint, check_fingerprint, read_adapter_config, save_adapter
+from lightning_moe.adapters.checkpoint import (
+    base_fingerprint,
+    check_fingerprint,
+    read_adapter_config,
+    save_adapter,
+)
 from lightning_moe.adapters.errors import AdapterCheckpointError, UserInputError
 from lightning_moe.routing_logging import log_routing_statistics
 
@@ -82,7 +87,9 @@ class AdapterModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not adapters and not adapter_path:
-            raise UserInputError("give `adapters` (injection rules) or `adapter_path` (a saved adapter folder)")
+            raise UserInputError(
+                "give `adapters` (injection rules) or `adapter_path` (a saved adapter folder)"
+            )
         self.adapter_rules = list(adapters or [])
         self.adapter_path = adapter_path
         self.router_loss = router_loss or RouterLoss()

@@ -38,6 +38,9 @@ def log_routing_statistics(
         step = module.global_step
         for layer, record in records.items():
             logger.experiment.add_histogram(
-                f"routing_experts/{layer}", record.indices.detach().flatten().cpu(), step, bins=record.num_experts
+                f"routing_experts/{layer}",
+                record.indices.detach().flatten().cpu(),
+                step,
+                bins=record.num_experts,
             )
         logger.experiment.add_image(f"{stage}/expert_load", load_heatmap(stats), step, dataformats="CHW")

@@ -17,7 +17,9 @@ def build_causal_lm(
 ) -> nn.Module:
     """A pretrained LM from a folder/hub id, or a randomly initialised one from a config dict."""
     if (name_or_path is None) == (config is None):
-        raise UserInputError("give exactly one of `model` (a folder or hub id) and `model_config` (a config dict)")
+        raise UserInputError(
+            "give exactly one of `model` (a folder or hub id) and `model_config` (a config dict)"
+        )
     if name_or_path is not None:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     config = dict(config)

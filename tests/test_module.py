@@ -47,8 +47,14 @@ def test_fit_logs_routing_and_saves_adapter_only_checkpoints(tmp_path, monkeypat
 
     events = EventAccumulator(str(directory), size_guidance={"images": 0, "histograms": 0}).Reload()
     scalars = events.Tags()["scalars"]
-    for tag in ["train/task_loss", "train/balance_loss", "train/router_entropy", "train/dead_experts",
-                "routing/model.layers.0.mlp.up_proj/entropy", "routing/model.layers.1.mlp.down_proj/dead_experts"]:
+    for tag in [
+        "train/task_loss",
+        "train/balance_loss",
+        "train/router_entropy",
+        "train/dead_experts",
+        "routing/model.layers.0.mlp.up_proj/entropy",
+        "routing/model.layers.1.mlp.down_proj/dead_experts",
+    ]:
         assert tag in scalars
     assert "routing_experts/model.layers.0.mlp.gate_proj" in events.Tags()["histograms"]
     assert "train/expert_load" in events.Tags()["images"]
@@ -74,8 +80,11 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, monkeypatch, resume_
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]
-    assert any(not torch.equal(saved["model." + k.replace("experts.", "adapter.experts.")], straight[k])
-               for k in straight if "experts." in k)
+    assert any(
+        not torch.equal(saved["model." + k.replace("experts.", "adapter.experts.")], straight[k])
+        for k in straight
+        if "experts." in k
+    )
 
 
 def test_checkpoint_of_another_base_is_refused_on_resume(tmp_path, monkeypatch):

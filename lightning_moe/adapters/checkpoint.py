@@ -51,7 +51,11 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict]:
 
 
 def save_adapter(
-    model: nn.Module, rules: list[AdapterRule], folder: str | os.PathLike, base_model: str = "", overwrite: bool = False
+    model: nn.Module,
+    rules: list[AdapterRule],
+    folder: str | os.PathLike,
+    base_model: str = "",
+    overwrite: bool = False,
 ) -> Path:
     """Write the adapters of `model` (injected with `rules`) to `folder`, atomically.
 
@@ -98,7 +102,9 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
             f"expected {FORMAT!r}); PEFT adapters load with import_peft()"
         )
     if config.get("version") != FORMAT_VERSION:
-        raise AdapterCheckpointError(f"{path} has format version {config.get('version')!r}; expected {FORMAT_VERSION}")
+        raise AdapterCheckpointError(
+            f"{path} has format version {config.get('version')!r}; expected {FORMAT_VERSION}"
+        )
     return config
 
 

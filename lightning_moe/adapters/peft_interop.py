@@ -94,19 +94,24 @@ def _peft_config(folder: Path) -> dict:
         raise AdapterCheckpointError(f"no {CONFIG_FILE} in PEFT adapter folder {folder}")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterCheckpointError(f"{path} is not valid JSON: {error}") from error
-    if config.get("peft_type") != "LORA":
-        raise AdapterCheckpointError(f"{path} has peft_type {config.get('peft_type')!r}; only 'LORA' is supported")
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "LORA":
+        raise AdapterCheckpointError(f"{path} has peft_type {peft_type!r}; only 'LORA' is supported")
     unsupported = {
         "use_dora": True,
         "fan_in_fan_out": True,
     }
     for option, bad in unsupported.items():
         if config.get(option) == bad:
-            raise AdapterCheckpointError(f"{path} sets {option}={bad}, which plain-LoRA import does not support")
+            raise AdapterCheckpointError(
+                f"{path} sets {option}={bad}, which plain-LoRA import does not support"
+            )
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise AdapterCheckpointError(f"{path} trains biases or whole modules; only LoRA factors can be imported")
+        raise AdapterCheckpointError(
+            f"{path} trains biases or whole modules; only LoRA factors can be imported"
+        )
     return config
 
 
@@ -142,7 +147,9 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, freeze_base: bool =
         rank = pair["A"].shape[0]
         lora = LoraConfig(
             rank=rank,
-            alpha=float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))),
+            alpha=float(
+                _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+            ),
             dropout=float(config.get("lora_dropout", 0.0)),
             use_rslora=bool(config.get("use_rslora", False)),
         )

@@ -11,7 +11,7 @@ from lightning_moe.adapters import BACKENDS, MoELoraConfig
 from lightning_moe.adapters.moe import MoELoraAdapter
 
 NUM_EXPERTS = 4
-IN_FEATURES, OUT_FEATURES = 20, 12
+IN_FEATURES, OUT_FEATURES = 21, 11  # not multiples of 4 or 8: the grouped backend pads every dim
 
 
 def routing_problem(top_k: int, rank: int, num_tokens: int = 23, seed: int = 0):

@@ -178,6 +178,13 @@ def test_import_refuses_what_it_cannot_represent(make_llama, tmp_path):
     with pytest.raises(AdapterCheckpointError, match="peft_type None"):
         import_peft(make_llama(), native)
 
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for content, message in [(b"{oops", "not valid JSON"), (b"\xff\xfe", "not valid JSON"), (b"[]", "peft_type None")]:
+        (broken / "adapter_config.json").write_bytes(content)
+        with pytest.raises(AdapterCheckpointError, match=message):
+            import_peft(make_llama(), broken)
+
     folder = tmp_path / "dora"
     peft_lora_folder(make_llama, folder, r=2, target_modules=["q_proj"], use_dora=True)
     with pytest.raises(AdapterCheckpointError, match="use_dora=True"):

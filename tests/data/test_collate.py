@@ -24,8 +24,15 @@ def test_loss_is_computed_on_completion_tokens_only():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=16, hidden_size=16, intermediate_size=32,
-                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = AutoModelForCausalLM.from_config(config)
     batch = collate_prompt_completion([PromptCompletion([1, 2, 3], [4, 5])], pad_token_id=0)
     loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
