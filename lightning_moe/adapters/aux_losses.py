@@ -52,8 +52,10 @@ def load_balance_loss(
         assigned = _assignment_counts(record) * token_mask
         if scope == "sample":
             if probs.dim() < 3:
-                raise ValueError(f"per-sample balancing needs [batch, tokens, E] logits; layer "
-                                 f"{record.layer!r} has shape {tuple(record.logits.shape)}")
+                raise ValueError(
+                    f"per-sample balancing needs [batch, tokens, E] logits; layer "
+                    f"{record.layer!r} has shape {tuple(record.logits.shape)}"
+                )
             reduce_dims = tuple(range(1, probs.dim() - 1))
             tokens = token_mask.sum(dim=reduce_dims).clamp_min(1.0)  # [B, 1]
             has_tokens = token_mask.sum(dim=reduce_dims).squeeze(-1) > 0

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from lightning_moe.adapters.config import AdapterRule
 from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
 from lightning_moe.adapters.inject import InjectionReport, adapted_layers, inject
+from lightning_moe.adapters.layer import AdaptedLinear
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -30,13 +32,17 @@ FORMAT_VERSION = 1
 _FINGERPRINT_VALUES = 16
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def layers_state_dict(layers: Iterable[tuple[str, AdaptedLinear]]) -> dict[str, Tensor]:
     """Adapter tensors only, keyed '<adapted module>.<adapter tensor>' (e.g. '...up_proj.router.gate.weight')."""
     state = {}
-    for name, layer in adapted_layers(model):
+    for name, layer in layers:
         for key, value in layer.adapter.state_dict().items():
             state[f"{name}.{key}"] = value
     return state
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return layers_state_dict(adapted_layers(model))
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, dict]:
@@ -152,9 +158,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, freeze_base: bool 
         raise AdapterCheckpointError(f"{folder / CONFIG_FILE} has invalid rules: {error}") from error
     check_fingerprint(model, config.get("fingerprint", {}), str(folder))
     tensors = read_safetensors(folder / WEIGHTS_FILE)
-    report = inject(model, rules, freeze_base=freeze_base)
-    copy_adapter_tensors(model, tensors, str(folder / WEIGHTS_FILE))
-    return report
+    source = str(folder / WEIGHTS_FILE)
+    return inject(
+        model,
+        rules,
+        freeze_base=freeze_base,
+        prepare=lambda layers: copy_adapter_tensors(layers.items(), tensors, source),
+    )
 
 
 def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
@@ -168,13 +178,17 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
             raise AdapterCheckpointError(
                 f"{folder} holds a {kind!r} adapter for {name!r}, but the model has {present.get(name)!r} there"
             )
-    copy_adapter_tensors(model, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+    copy_adapter_tensors(
+        adapted_layers(model), read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE)
+    )
 
 
 @torch.no_grad()
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
-    """Copy `tensors` into the model's adapters; every key must exist on both sides with equal shape."""
-    targets = adapter_state_dict(model)
+def copy_adapter_tensors(
+    layers: Iterable[tuple[str, AdaptedLinear]], tensors: dict[str, Tensor], source: str
+) -> None:
+    """Copy `tensors` into the layers' adapters; every key must exist on both sides with equal shape."""
+    targets = layers_state_dict(layers)
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
     if missing:

@@ -95,7 +95,9 @@ class MoELoraConfig(LowRankConfig):
                 f"top_k must be between 1 and num_experts={self.num_experts}, got top_k={self.top_k}"
             )
         if self.init == "pissa":
-            raise AdapterConfigError("init='pissa' applies to plain LoRA; MoE experts use 'kaiming' or 'gaussian'")
+            raise AdapterConfigError(
+                "init='pissa' applies to plain LoRA; MoE experts use 'kaiming' or 'gaussian'"
+            )
         if self.jitter_noise < 0:
             raise AdapterConfigError(f"jitter_noise must be >= 0, got jitter_noise={self.jitter_noise}")
         if self.router_gradient == "straight_through" and self.top_k > 1:
@@ -147,7 +149,9 @@ class AdapterRule:
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterRule:
-        return cls(targets=list(data["targets"]), adapter=config_from_dict(data["adapter"]), regex=data["regex"])
+        return cls(
+            targets=list(data["targets"]), adapter=config_from_dict(data["adapter"]), regex=data["regex"]
+        )
 
 
 LLAMA_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -164,7 +168,12 @@ def mole_rules(
 ) -> list[AdapterRule]:
     """LLaVA-MoLE: top-1 LoRA experts on the MLP linears only."""
     moe = MoELoraConfig(
-        rank=rank, alpha=alpha, num_experts=num_experts, top_k=1, router_gradient=router_gradient, backend=backend
+        rank=rank,
+        alpha=alpha,
+        num_experts=num_experts,
+        top_k=1,
+        router_gradient=router_gradient,
+        backend=backend,
     )
     return [AdapterRule(targets=mlp_targets or list(LLAMA_MLP), adapter=moe)]
 
@@ -184,5 +193,7 @@ def mixlora_rules(
     moe = MoELoraConfig(rank=rank, alpha=alpha, num_experts=num_experts, top_k=top_k, backend=backend)
     return [
         AdapterRule(targets=mlp_targets or list(LLAMA_MLP), adapter=moe),
-        AdapterRule(targets=attention_targets or list(LLAMA_ATTENTION), adapter=LoraConfig(rank=rank, alpha=alpha)),
+        AdapterRule(
+            targets=attention_targets or list(LLAMA_ATTENTION), adapter=LoraConfig(rank=rank, alpha=alpha)
+        ),
     ]

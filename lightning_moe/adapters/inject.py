@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -66,26 +66,36 @@ def plan_injection(model: nn.Module, rules: list[AdapterRule]) -> dict[str, Adap
     return plan
 
 
-def inject(model: nn.Module, rules: list[AdapterRule], freeze_base: bool = True) -> InjectionReport:
+def inject(
+    model: nn.Module,
+    rules: list[AdapterRule],
+    freeze_base: bool = True,
+    prepare: Callable[[dict[str, AdaptedLinear]], None] | None = None,
+) -> InjectionReport:
     """Replace every matched nn.Linear by an `AdaptedLinear` (in place) and freeze the rest.
 
     Raises `AdapterConfigError` before touching the model when a pattern matches nothing, a
-    match is not a linear layer the model calls, or two rules claim the same layer.
+    match is not a linear layer the model calls, or two rules claim the same layer. `prepare`
+    sees the new layers before they are attached (e.g. to load weights), so an error there
+    also leaves the model untouched.
     """
     plan = plan_injection(model, rules)
-    if freeze_base:
+    layers = {}
+    for name, config in plan.items():
+        base_layer = model.get_submodule(name)
+        layers[name] = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
+        layers[name].train(base_layer.training)  # new modules start in train mode; follow the model's mode
+    if prepare is not None:
+        prepare(layers)
+    if freeze_base:  # everything the model has so far, earlier adapters included; the new ones train
         model.requires_grad_(False)
     collector = RoutingCollector()
-    for name, config in plan.items():
+    for name, layer in layers.items():
+        if isinstance(layer.adapter, MoELoraAdapter):
+            layer.adapter.layer_name = name
+            layer.adapter.collector = collector
         parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base_layer = getattr(parent, attribute)
-        adapted = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
-        adapted.train(base_layer.training)  # new modules start in train mode; follow the model's mode
-        if isinstance(adapted.adapter, MoELoraAdapter):
-            adapted.adapter.layer_name = name
-            adapted.adapter.collector = collector
-        setattr(parent, attribute, adapted)
+        setattr(model.get_submodule(parent_name), attribute, layer)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectionReport({n: c.kind for n, c in plan.items()}, trainable, total, collector)

@@ -78,4 +78,3 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.config.kind}, merged={self.merged}"
-

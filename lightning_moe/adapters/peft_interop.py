@@ -3,7 +3,7 @@
 PEFT keys look like 'base_model.model.<module>.lora_A.weight' ([r, in]) and '...lora_B.weight'
 ([out, r]); its scaling is lora_alpha / r (or / sqrt(r) with use_rslora), per module through
 rank_pattern / alpha_pattern. We export with use_rslora off and alpha = scaling * r per module,
-which reproduces every module's scaling exactly whatever our own settings were.
+which reproduces every module's scaling (to one float rounding step) whatever our settings were.
 """
 
 from __future__ import annotations

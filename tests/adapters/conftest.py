@@ -39,8 +39,22 @@ def build_clip(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=16,
-        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
-        text_cfg={"context_length": 8, "vocab_size": VOCAB_SIZE, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+        vision_cfg={
+            "image_size": 16,
+            "patch_size": 8,
+            "width": 32,
+            "layers": 1,
+            "head_width": 16,
+            "mlp_ratio": 2.0,
+        },
+        text_cfg={
+            "context_length": 8,
+            "vocab_size": VOCAB_SIZE,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+            "mlp_ratio": 2.0,
+        },
     )
     return model.eval()
 

@@ -182,6 +182,8 @@ def test_routing_statistics_top2_load_counts_every_slot():
 
 @pytest.mark.parametrize("function", [load_balance_loss, router_z_loss, routing_statistics])
 def test_mask_of_wrong_shape_names_the_layer(function):
-    records = record(torch.zeros(2, 5, 4), torch.zeros(2, 5, 1, dtype=torch.long), layer="model.layers.1.mlp.up_proj")
+    records = record(
+        torch.zeros(2, 5, 4), torch.zeros(2, 5, 1, dtype=torch.long), layer="model.layers.1.mlp.up_proj"
+    )
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*\(2, 5\)"):
         function(records, mask=torch.ones(2, 6))

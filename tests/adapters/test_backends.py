@@ -54,7 +54,9 @@ def assert_results_close(actual: dict, expected: dict, rtol: float, atol_fractio
     assert actual.keys() == expected.keys()
     for key in expected:
         atol = atol_fraction * expected[key].abs().max().item()
-        torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            actual[key], expected[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
+        )
 
 
 @pytest.mark.parametrize("rank", [5, 8])
@@ -87,18 +89,29 @@ def test_backends_handle_a_single_token_and_all_tokens_on_one_expert():
     indices = torch.full((5, 1), 2)
     reference = run_backend(BACKENDS["loop"], leaves, indices, projection)
     for backend in ("dense", "grouped"):
-        assert_results_close(run_backend(BACKENDS[backend], leaves, indices, projection), reference, 1e-5, 1e-5)
+        assert_results_close(
+            run_backend(BACKENDS[backend], leaves, indices, projection), reference, 1e-5, 1e-5
+        )
     one = {name: value[:1] if name in ("x", "weights") else value for name, value in leaves.items()}
     reference = run_backend(BACKENDS["loop"], one, indices[:1], projection[:1])
     for backend in ("dense", "grouped"):
-        assert_results_close(run_backend(BACKENDS[backend], one, indices[:1], projection[:1]), reference, 1e-5, 1e-5)
+        assert_results_close(
+            run_backend(BACKENDS[backend], one, indices[:1], projection[:1]), reference, 1e-5, 1e-5
+        )
 
 
-def moe_layer(top_k: int, router_gradient: str = "prob", rank: int = 5, dtype=torch.float32) -> MoELoraAdapter:
+def moe_layer(
+    top_k: int, router_gradient: str = "prob", rank: int = 5, dtype=torch.float32
+) -> MoELoraAdapter:
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES, dtype=dtype)
     config = MoELoraConfig(
-        rank=rank, alpha=10.0, num_experts=NUM_EXPERTS, top_k=top_k, router_gradient=router_gradient, backend="loop"
+        rank=rank,
+        alpha=10.0,
+        num_experts=NUM_EXPERTS,
+        top_k=top_k,
+        router_gradient=router_gradient,
+        backend="loop",
     )
     adapter = MoELoraAdapter(base, config)
     with torch.no_grad():
@@ -144,7 +157,9 @@ def test_moe_adapter_bf16_matches_fp32_loop(backend):
     reference = adapter_grads(reference_layer, x, projection)
     # bf16 may flip a near-tie in the top-k choice; compare only when the choices agree
     with torch.no_grad():
-        assert torch.equal(reference_layer.router(x.flatten(0, 1))[0], layer.router(x.bfloat16().flatten(0, 1))[0])
+        assert torch.equal(
+            reference_layer.router(x.flatten(0, 1))[0], layer.router(x.bfloat16().flatten(0, 1))[0]
+        )
     result = adapter_grads(layer, x.bfloat16(), projection)
     assert_results_close(result, reference, rtol=5e-2, atol_fraction=5e-2)
 

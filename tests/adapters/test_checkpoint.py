@@ -32,7 +32,9 @@ RULES = {
         AdapterRule(targets=["mlp.up_proj"], adapter=MoELoraConfig(rank=4, num_experts=3, top_k=2)),
         AdapterRule(targets=["o_proj"], adapter=LoraConfig(rank=2, use_rslora=True)),
     ],
-    "pissa": [AdapterRule(targets=["mlp.down_proj", "k_proj"], adapter=LoraConfig(rank=3, alpha=6, init="pissa"))],
+    "pissa": [
+        AdapterRule(targets=["mlp.down_proj", "k_proj"], adapter=LoraConfig(rank=3, alpha=6, init="pissa"))
+    ],
 }
 
 
@@ -109,7 +111,9 @@ def test_pissa_checkpoint_holds_its_offset_buffers(make_llama, randomize, tmp_pa
     model = trained_model(make_llama, randomize, "pissa")
     folder = save_adapter(model, RULES["pissa"], tmp_path / "adapter")
     keys = set(load_file(folder / WEIGHTS))
-    assert "model.layers.0.mlp.down_proj.pissa_A0" in keys and "model.layers.1.self_attn.k_proj.pissa_B0" in keys
+    assert (
+        "model.layers.0.mlp.down_proj.pissa_A0" in keys and "model.layers.1.self_attn.k_proj.pissa_B0" in keys
+    )
 
 
 def test_refuses_to_overwrite_unless_asked(make_llama, randomize, tmp_path):
@@ -148,7 +152,9 @@ def test_corrupt_weights_file(make_llama, saved_lora, damage):
     path = saved_lora / WEIGHTS
     data = path.read_bytes()
     path.write_bytes(
-        {"truncate": data[: len(data) // 2], "garbage": b"\x93\x07not-a-safetensors-file" * 50, "empty": b""}[damage]
+        {"truncate": data[: len(data) // 2], "garbage": b"\x93\x07not-a-safetensors-file" * 50, "empty": b""}[
+            damage
+        ]
     )
     fresh = make_llama()
     with pytest.raises(AdapterCheckpointError, match="adapter_model.safetensors"):
@@ -202,7 +208,9 @@ def test_adapter_from_a_different_base_is_refused(make_llama, saved_lora):
 
 def test_adapter_for_other_shapes_names_the_layer(make_llama, saved_lora):
     wider = make_llama(hidden_size=48)
-    with pytest.raises(AdapterCheckpointError, match=r"'model\.layers\.0\.self_attn\.q_proj' has shape \[32, 32\]"):
+    with pytest.raises(
+        AdapterCheckpointError, match=r"'model\.layers\.0\.self_attn\.q_proj' has shape \[32, 32\]"
+    ):
         load_adapter(wider, saved_lora)
     assert not has_adapters(wider)
 
@@ -221,8 +229,15 @@ def test_tensor_of_wrong_shape_names_the_key(make_llama, saved_lora):
     assert tensors[key].shape == (16, 4)  # v_proj of the GQA tiny Llama: 2 kv heads x 8
     tensors[key] = torch.zeros(16, 5)
     save_file(tensors, saved_lora / WEIGHTS)
-    with pytest.raises(AdapterCheckpointError, match=rf"'{re.escape(key)}' has shape \[16, 5\], the adapter expects \[16, 4\]"):
-        load_adapter(make_llama(), saved_lora)
+    model = make_llama()
+    with pytest.raises(
+        AdapterCheckpointError,
+        match=rf"'{re.escape(key)}' has shape \[16, 5\], the adapter expects \[16, 4\]",
+    ):
+        load_adapter(model, saved_lora)
+    # the failed load left the model as it was: no adapter attached, nothing frozen
+    assert not list(adapted_layers(model))
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_missing_and_extra_tensors_name_the_key(make_llama, saved_lora):
@@ -234,7 +249,9 @@ def test_missing_and_extra_tensors_name_the_key(make_llama, saved_lora):
     del tensors["model.layers.0.self_attn.q_proj.extra"]
     del tensors["model.layers.1.self_attn.q_proj.lora_A"]
     save_file(tensors, saved_lora / WEIGHTS)
-    with pytest.raises(AdapterCheckpointError, match=r"lacks adapter tensor 'model\.layers\.1\.self_attn\.q_proj\.lora_A'"):
+    with pytest.raises(
+        AdapterCheckpointError, match=r"lacks adapter tensor 'model\.layers\.1\.self_attn\.q_proj\.lora_A'"
+    ):
         load_adapter(make_llama(), saved_lora)
 
 
@@ -254,6 +271,8 @@ def test_load_adapter_weights_with_the_wrong_kind(make_llama, randomize, tmp_pat
     target = make_llama()
     inject(target, [AdapterRule(targets=["mlp.up_proj", "o_proj"], adapter=LoraConfig(rank=4))])
     before = {k: v.clone() for k, v in adapter_state_dict(target).items()}
-    with pytest.raises(AdapterCheckpointError, match=r"'moe' adapter for 'model\.layers\.0\.mlp\.up_proj'.*'lora'"):
+    with pytest.raises(
+        AdapterCheckpointError, match=r"'moe' adapter for 'model\.layers\.0\.mlp\.up_proj'.*'lora'"
+    ):
         load_adapter_weights(target, folder)
     assert all(torch.equal(v, before[k]) for k, v in adapter_state_dict(target).items())

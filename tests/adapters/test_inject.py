@@ -57,9 +57,13 @@ def test_suffix_and_regex_rules_with_a_kind_per_rule(make_llama, input_ids):
     with torch.no_grad():
         expected = model(input_ids).logits
     rules = [
-        AdapterRule(targets=["mlp.up_proj", "mlp.down_proj"], adapter=MoELoraConfig(rank=4, num_experts=3, top_k=2)),
         AdapterRule(
-            targets=[r"model\.layers\.\d+\.self_attn\.(q|v)_proj"], adapter=LoraConfig(rank=2, alpha=4), regex=True
+            targets=["mlp.up_proj", "mlp.down_proj"], adapter=MoELoraConfig(rank=4, num_experts=3, top_k=2)
+        ),
+        AdapterRule(
+            targets=[r"model\.layers\.\d+\.self_attn\.(q|v)_proj"],
+            adapter=LoraConfig(rank=2, alpha=4),
+            regex=True,
         ),
     ]
     report = inject(model, rules)
@@ -71,7 +75,9 @@ def test_suffix_and_regex_rules_with_a_kind_per_rule(make_llama, input_ids):
     assert set(layers) == set(report.adapted)
     for name, kind in report.adapted.items():
         assert isinstance(layers[name].adapter, MoELoraAdapter if kind == "moe" else LoraAdapter)
-        assert isinstance(layers[name].base_layer, nn.Linear) and not isinstance(layers[name].base_layer, AdaptedLinear)
+        assert isinstance(layers[name].base_layer, nn.Linear) and not isinstance(
+            layers[name].base_layer, AdaptedLinear
+        )
     attention = model.model.layers[0].self_attn
     assert type(attention.k_proj) is nn.Linear and type(attention.o_proj) is nn.Linear
     assert type(model.model.layers[1].mlp.gate_proj) is nn.Linear
@@ -142,7 +148,9 @@ def test_open_clip_mlp_linears(make_clip):
             adapter=MoELoraConfig(rank=4, num_experts=3),
             regex=True,
         ),
-        AdapterRule(targets=[r"transformer\.resblocks\.\d+\.mlp\.c_fc"], adapter=LoraConfig(rank=4), regex=True),
+        AdapterRule(
+            targets=[r"transformer\.resblocks\.\d+\.mlp\.c_fc"], adapter=LoraConfig(rank=4), regex=True
+        ),
         AdapterRule(targets=["mlp.c_proj"], adapter=LoraConfig(rank=4)),
     ]
     report = inject(model, rules)
@@ -199,7 +207,9 @@ def test_pattern_matching_nothing_names_the_pattern(make_llama):
         AdapterRule(targets=["q_proj"], adapter=LoraConfig(rank=2)),
         AdapterRule(targets=["mlp.upproj"], adapter=LoraConfig(rank=2)),
     ]
-    with pytest.raises(AdapterConfigError, match=r"'mlp\.upproj' matched no module of LlamaForCausalLM.*q_proj"):
+    with pytest.raises(
+        AdapterConfigError, match=r"'mlp\.upproj' matched no module of LlamaForCausalLM.*q_proj"
+    ):
         inject(model, rules)
     assert _untouched(model)
     with pytest.raises(AdapterConfigError, match=r"'q_proj' matched no module"):  # a regex must match fully
@@ -225,7 +235,9 @@ def test_two_rules_claiming_one_module(make_llama):
     model = make_llama()
     rules = [
         AdapterRule(targets=["self_attn.q_proj"], adapter=LoraConfig(rank=2)),
-        AdapterRule(targets=[r".*\.0\.self_attn\.q_proj"], adapter=MoELoraConfig(rank=2, num_experts=2), regex=True),
+        AdapterRule(
+            targets=[r".*\.0\.self_attn\.q_proj"], adapter=MoELoraConfig(rank=2, num_experts=2), regex=True
+        ),
     ]
     with pytest.raises(
         AdapterConfigError,

@@ -74,10 +74,14 @@ def test_pissa_starts_at_base_output_and_factors_the_top_singular_part():
     weight = layer.base_layer.weight
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     principal = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-    torch.testing.assert_close(config.scaling * adapter.lora_B @ adapter.lora_A, principal, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        config.scaling * adapter.lora_B @ adapter.lora_A, principal, rtol=1e-5, atol=1e-5
+    )
     # what is left of W has exactly the remaining singular values
     residual = weight - config.scaling * adapter.pissa_B0 @ adapter.pissa_A0
-    torch.testing.assert_close(torch.linalg.svdvals(residual)[: s.numel() - rank], s[rank:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.linalg.svdvals(residual)[: s.numel() - rank], s[rank:], rtol=1e-4, atol=1e-5
+    )
     # A, B are the trainable copies; the offset is a buffer, and the frozen W itself was not modified
     assert {name for name, _ in adapter.named_parameters()} == {"lora_A", "lora_B"}
     assert torch.equal(adapter.lora_A, adapter.pissa_A0) and torch.equal(adapter.lora_B, adapter.pissa_B0)
@@ -103,7 +107,9 @@ def test_dropout_only_in_training():
     layer.eval()
     eval_out = layer(x)
     assert torch.equal(layer(x), eval_out)
-    no_dropout = layer.base_layer(x) + layer.adapter.scaling * (x @ layer.adapter.lora_A.T @ layer.adapter.lora_B.T)
+    no_dropout = layer.base_layer(x) + layer.adapter.scaling * (
+        x @ layer.adapter.lora_A.T @ layer.adapter.lora_B.T
+    )
     torch.testing.assert_close(eval_out, no_dropout, rtol=1e-5, atol=1e-5)
 
     layer.train()
@@ -148,7 +154,10 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores_base(init):
 
 def test_merge_adapters_on_a_model(make_llama, input_ids, randomize):
     model = make_llama()
-    inject(model, [AdapterRule(targets=["q_proj", "v_proj", "mlp.down_proj"], adapter=LoraConfig(rank=4, alpha=8))])
+    inject(
+        model,
+        [AdapterRule(targets=["q_proj", "v_proj", "mlp.down_proj"], adapter=LoraConfig(rank=4, alpha=8))],
+    )
     randomize(model)
     weights = {name: p.clone() for name, p in model.named_parameters() if "base_layer" in name}
     with torch.no_grad():

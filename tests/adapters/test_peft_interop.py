@@ -122,7 +122,10 @@ def test_export_loads_in_peft_with_the_same_outputs(make_llama, input_ids, tmp_p
 
 def test_export_of_a_trained_pissa_adapter_loads_in_peft(make_llama, input_ids, tmp_path):
     model = make_llama()
-    inject(model, [AdapterRule(targets=["q_proj", "mlp.up_proj"], adapter=LoraConfig(rank=3, alpha=6, init="pissa"))])
+    inject(
+        model,
+        [AdapterRule(targets=["q_proj", "mlp.up_proj"], adapter=LoraConfig(rank=3, alpha=6, init="pissa"))],
+    )
     with torch.no_grad():
         assert torch.allclose(logits(model, input_ids), logits(make_llama(), input_ids), atol=1e-5)
     # one fake training step moves A and B away from the principal factors
@@ -180,7 +183,11 @@ def test_import_refuses_what_it_cannot_represent(make_llama, tmp_path):
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    for content, message in [(b"{oops", "not valid JSON"), (b"\xff\xfe", "not valid JSON"), (b"[]", "peft_type None")]:
+    for content, message in [
+        (b"{oops", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[]", "peft_type None"),
+    ]:
         (broken / "adapter_config.json").write_bytes(content)
         with pytest.raises(AdapterCheckpointError, match=message):
             import_peft(make_llama(), broken)

@@ -30,7 +30,9 @@ def make_router(top_k: int, gradient: str = "prob", jitter_noise: float = 0.0) -
 def make_moe(router_gradient: str = "prob", top_k: int = 1, **kwargs) -> MoELoraAdapter:
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES)
-    config = MoELoraConfig(rank=4, num_experts=NUM_EXPERTS, top_k=top_k, router_gradient=router_gradient, **kwargs)
+    config = MoELoraConfig(
+        rank=4, num_experts=NUM_EXPERTS, top_k=top_k, router_gradient=router_gradient, **kwargs
+    )
     adapter = MoELoraAdapter(base, config)
     with torch.no_grad():
         adapter.experts.lora_B.normal_(std=0.3)
@@ -97,7 +99,11 @@ def test_straight_through_and_prob_differ_in_output_but_share_the_router_gradien
         out = adapter(x)
         (out * projection).sum().backward()
         indices, weights, logits = adapter.router(x.flatten(0, 1))
-        results[mode] = (out.detach(), adapter.router.gate.weight.grad, logits.softmax(-1).gather(-1, indices))
+        results[mode] = (
+            out.detach(),
+            adapter.router.gate.weight.grad,
+            logits.softmax(-1).gather(-1, indices),
+        )
     prob_out, prob_gate_grad, chosen_prob = results["prob"]
     st_out, st_gate_grad, _ = results["straight_through"]
     # straight-through uses the unscaled expert output, prob scales it by the chosen probability
@@ -124,7 +130,9 @@ def test_jitter_noise_only_in_training():
 
 def test_collector_records_only_inside_capture_with_input_leading_shape(make_llama, input_ids):
     model = make_llama()
-    report = inject(model, mixlora_rules(num_experts=4, top_k=2, rank=4, mlp_targets=["mlp.up_proj", "mlp.down_proj"]))
+    report = inject(
+        model, mixlora_rules(num_experts=4, top_k=2, rank=4, mlp_targets=["mlp.up_proj", "mlp.down_proj"])
+    )
     collector = report.collector
     assert routing_collector(model) is collector
     with torch.no_grad():
@@ -134,9 +142,11 @@ def test_collector_records_only_inside_capture_with_input_leading_shape(make_lla
     with collector.capture() as records, torch.no_grad():
         model(input_ids)
     moe_layers = sorted(name for name, kind in report.adapted.items() if kind == "moe")
-    assert sorted(records) == moe_layers == [
-        f"model.layers.{i}.mlp.{proj}" for i in range(2) for proj in ("down_proj", "up_proj")
-    ]
+    assert (
+        sorted(records)
+        == moe_layers
+        == [f"model.layers.{i}.mlp.{proj}" for i in range(2) for proj in ("down_proj", "up_proj")]
+    )
     for name, record in records.items():
         assert isinstance(record, RoutingRecord) and record.layer == name
         assert record.logits.shape == (2, 7, 4) and record.indices.shape == (2, 7, 2)
