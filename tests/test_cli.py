@@ -48,21 +48,22 @@ def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
     assert cli.trainer.global_step == 2
 
 
+def smoke_fit_error(adapters: str) -> str:
+    """What the CLI says when the smoke config runs with these adapter rules (YAML)."""
+    config = REPO / "configs/smoke/mole_tiny_llama.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), f"--model.init_args.adapters={adapters}"])
+    return str(exit_info.value.code)
+
+
 def test_bad_adapter_option_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = REPO / "configs/smoke/mole_tiny_llama.yaml"
-    bad = "[{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, top_k: 3}}]"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), f"--model.init_args.adapters={bad}"])
-    assert str(exit_info.value.code) == "error: top_k must be between 1 and num_experts=2, got top_k=3"
+    message = smoke_fit_error("[{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, top_k: 3}}]")
+    assert message == "error: top_k must be between 1 and num_experts=2, got top_k=3"
 
 
 def test_unmatched_target_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = REPO / "configs/smoke/mole_tiny_llama.yaml"
-    bad = "[{targets: [mlp.nothing_here], adapter: {kind: lora}}]"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), f"--model.init_args.adapters={bad}"])
-    message = str(exit_info.value.code)
+    message = smoke_fit_error("[{targets: [mlp.nothing_here], adapter: {kind: lora}}]")
     assert message.startswith("error: target pattern 'mlp.nothing_here' matched no module")
     assert not list(tmp_path.rglob("*.ckpt"))

@@ -67,10 +67,7 @@ def save_adapter(
 
     An existing adapter in `folder` is only replaced when `overwrite` is set.
     """
-    folder = Path(folder)
-    if not overwrite and any((folder / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
-    state = {key: value.detach().contiguous().cpu() for key, value in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model)
     if not state:
         raise AdapterConfigError(f"{type(model).__name__} has no adapters to save; call inject() first")
     config = {
@@ -81,10 +78,21 @@ def save_adapter(
         "modules": {name: layer.config.kind for name, layer in adapted_layers(model)},
         "fingerprint": base_fingerprint(model),
     }
+    return write_adapter_folder(folder, state, config, overwrite)
+
+
+def write_adapter_folder(
+    folder: str | os.PathLike, tensors: dict[str, Tensor], config: dict, overwrite: bool = False
+) -> Path:
+    """Write CONFIG_FILE + WEIGHTS_FILE atomically; an existing adapter is replaced only with `overwrite`."""
+    folder = Path(folder)
+    if not overwrite and any((folder / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
+    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
     try:
-        save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(staging / name, folder / name)
@@ -93,18 +101,26 @@ def save_adapter(
     return folder
 
 
-def read_adapter_config(folder: str | os.PathLike) -> dict:
-    folder = Path(folder)
+def read_config_object(folder: Path, what: str) -> dict:
+    """The JSON object in `folder`/CONFIG_FILE, or an AdapterCheckpointError saying what is wrong."""
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise AdapterCheckpointError(f"no {CONFIG_FILE} in adapter folder {folder}")
+        raise AdapterCheckpointError(f"no {CONFIG_FILE} in {what} folder {folder}")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterCheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if not isinstance(config, dict):
+        raise AdapterCheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object")
+    return config
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    config = read_config_object(Path(folder), "adapter")
+    if config.get("format") != FORMAT:
         raise AdapterCheckpointError(
-            f"{path} is not a lightning_moe adapter (format {config.get('format') if isinstance(config, dict) else None!r}, "
+            f"{path} is not a lightning_moe adapter (format {config.get('format')!r}, "
             f"expected {FORMAT!r}); PEFT adapters load with import_peft()"
         )
     if config.get("version") != FORMAT_VERSION:
@@ -124,16 +140,20 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise AdapterCheckpointError(f"{path} is not a readable safetensors file: {error}") from error
 
 
+def target_layer(model: nn.Module, name: str, source: str) -> nn.Module:
+    """The layer `name` that an adapter file adapts, or an error naming it."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise AdapterCheckpointError(
+            f"{source} adapts layer {name!r}, which {type(model).__name__} does not have"
+        ) from None
+
+
 def check_fingerprint(model: nn.Module, fingerprint: dict[str, dict], source: str) -> None:
     """Refuse an adapter whose recorded base layers are missing, shaped or valued differently."""
     for name, expected in fingerprint.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterCheckpointError(
-                f"{source} adapts layer {name!r}, which {type(model).__name__} does not have"
-            ) from None
-        weight = module.weight.detach()
+        weight = target_layer(model, name, source).weight.detach()
         if list(weight.shape) != expected["shape"]:
             raise AdapterCheckpointError(
                 f"{source} was saved for a base whose {name!r} has shape {expected['shape']}, "

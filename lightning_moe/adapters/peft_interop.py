@@ -8,17 +8,22 @@ which reproduces every module's scaling (to one float rounding step) whatever ou
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_moe.adapters.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_safetensors
+from lightning_moe.adapters.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_config_object,
+    read_safetensors,
+    target_layer,
+    write_adapter_folder,
+)
 from lightning_moe.adapters.config import AdapterRule, LoraConfig
 from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
 from lightning_moe.adapters.inject import InjectionReport, adapted_layers, inject
@@ -44,9 +49,6 @@ def export_peft(
     overwrite: bool = False,
 ) -> Path:
     """Write the model's plain-LoRA adapters so that `peft.PeftModel.from_pretrained` loads them."""
-    folder = Path(folder)
-    if not overwrite and (folder / CONFIG_FILE).exists():
-        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -57,8 +59,8 @@ def export_peft(
                 f"PEFT export supports plain LoRA only; layer {name!r} has a {layer.config.kind!r} adapter"
             )
         a, b = _peft_factors(layer.adapter)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
         ranks[name] = a.shape[0]
         alphas[name] = layer.adapter.scaling * a.shape[0]
         dropouts.add(layer.config.dropout)
@@ -82,21 +84,13 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return folder
+    return write_adapter_folder(folder, tensors, config, overwrite)
 
 
 def _peft_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterCheckpointError(f"no {CONFIG_FILE} in PEFT adapter folder {folder}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterCheckpointError(f"{path} is not valid JSON: {error}") from error
-    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    config = read_config_object(folder, "PEFT adapter")
+    peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterCheckpointError(f"{path} has peft_type {peft_type!r}; only 'LORA' is supported")
     unsupported = {
@@ -166,12 +160,7 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, freeze_base: bool =
 
 def _check_shapes(model: nn.Module, factors: dict[str, dict[str, Tensor]], folder: Path) -> None:
     for module, pair in factors.items():
-        try:
-            layer = model.get_submodule(module)
-        except AttributeError:
-            raise AdapterCheckpointError(
-                f"{folder} adapts {module!r}, which {type(model).__name__} does not have"
-            ) from None
+        layer = target_layer(model, module, str(folder))
         expected_a = (pair["A"].shape[0], layer.in_features)
         expected_b = (layer.out_features, pair["A"].shape[0])
         if tuple(pair["A"].shape) != expected_a or tuple(pair["B"].shape) != expected_b:

@@ -175,7 +175,7 @@ def test_missing_weights_file_and_missing_folder(make_llama, saved_lora, tmp_pat
     [
         (b"{not json", "not valid JSON"),
         (b"\xff\xfe{}", "not valid JSON"),  # not even UTF-8
-        (b"[1, 2]", "not a lightning_moe adapter"),
+        (b"[1, 2]", "holds a JSON list, expected an object"),
         (b'{"peft_type": "LORA", "r": 8}', "import_peft"),
     ],
 )

@@ -186,7 +186,7 @@ def test_import_refuses_what_it_cannot_represent(make_llama, tmp_path):
     for content, message in [
         (b"{oops", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
-        (b"[]", "peft_type None"),
+        (b"[]", "holds a JSON list, expected an object"),
     ]:
         (broken / "adapter_config.json").write_bytes(content)
         with pytest.raises(AdapterCheckpointError, match=message):
