@@ -3,10 +3,10 @@
 Nothing here imports Lightning, tasks or data.
 """
 
-from lightning_moe.adapters.aux_losses import load_balance_loss, router_z_loss, routing_statistics
-from lightning_moe.adapters.backends import BACKENDS
-from lightning_moe.adapters.checkpoint import load_adapter, load_adapter_weights, save_adapter
-from lightning_moe.adapters.config import (
+from .aux_losses import load_balance_loss, router_z_loss, routing_statistics
+from .backends import BACKENDS
+from .checkpoint import load_adapter, load_adapter_weights, save_adapter
+from .config import (
     AdapterConfig,
     AdapterRule,
     LoraConfig,
@@ -14,8 +14,8 @@ from lightning_moe.adapters.config import (
     mixlora_rules,
     mole_rules,
 )
-from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError, UserInputError
-from lightning_moe.adapters.inject import (
+from .errors import AdapterCheckpointError, AdapterConfigError, UserInputError
+from .inject import (
     InjectionReport,
     adapted_layers,
     inject,
@@ -23,9 +23,9 @@ from lightning_moe.adapters.inject import (
     routing_collector,
     unmerge_adapters,
 )
-from lightning_moe.adapters.layer import AdaptedLinear
-from lightning_moe.adapters.peft_interop import export_peft, import_peft
-from lightning_moe.adapters.routing import RoutingCollector, RoutingRecord
+from .layer import AdaptedLinear
+from .peft_interop import export_peft, import_peft
+from .routing import RoutingCollector, RoutingRecord
 
 __all__ = [
     "BACKENDS",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_moe.adapters.routing import RoutingRecord
+from .routing import RoutingRecord
 
 BalanceScope = Literal["batch", "sample"]
 

@@ -20,10 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_moe.adapters.config import AdapterRule
-from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
-from lightning_moe.adapters.inject import InjectionReport, adapted_layers, inject
-from lightning_moe.adapters.layer import AdaptedLinear
+from .config import AdapterRule
+from .errors import AdapterCheckpointError, AdapterConfigError
+from .inject import InjectionReport, adapted_layers, inject
+from .layer import AdaptedLinear
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from lightning_moe.adapters.errors import AdapterConfigError
+from .errors import AdapterConfigError
 
 LoraInit = Literal["kaiming", "gaussian", "pissa"]
 Backend = Literal["loop", "dense", "grouped"]

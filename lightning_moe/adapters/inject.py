@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lightning_moe.adapters.config import AdapterConfig, AdapterRule
-from lightning_moe.adapters.errors import AdapterConfigError
-from lightning_moe.adapters.layer import AdaptedLinear, build_adapter
-from lightning_moe.adapters.lora import LoraAdapter
-from lightning_moe.adapters.moe import MoELoraAdapter
-from lightning_moe.adapters.routing import RoutingCollector
+from .config import AdapterConfig, AdapterRule
+from .errors import AdapterConfigError
+from .layer import AdaptedLinear, build_adapter
+from .lora import LoraAdapter
+from .moe import MoELoraAdapter
+from .routing import RoutingCollector
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.adapters.config import AdapterConfig
-from lightning_moe.adapters.errors import AdapterConfigError
-from lightning_moe.adapters.lora import LoraAdapter
-from lightning_moe.adapters.moe import MoELoraAdapter
+from .config import AdapterConfig
+from .errors import AdapterConfigError
+from .lora import LoraAdapter
+from .moe import MoELoraAdapter
 
 ADAPTER_CLASSES: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "moe": MoELoraAdapter}
 

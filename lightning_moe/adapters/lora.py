@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_moe.adapters.config import LoraConfig
+from .config import LoraConfig
 
 
 def kaiming_uniform_rows_(weight: torch.Tensor) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.adapters.backends import BACKENDS
-from lightning_moe.adapters.config import MoELoraConfig
-from lightning_moe.adapters.lora import kaiming_uniform_rows_
-from lightning_moe.adapters.routing import RoutingCollector, RoutingRecord, TopKRouter
+from .backends import BACKENDS
+from .config import MoELoraConfig
+from .lora import kaiming_uniform_rows_
+from .routing import RoutingCollector, RoutingRecord, TopKRouter
 
 
 class ExpertBank(nn.Module):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.adapters.checkpoint import (
+from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     read_config_object,
@@ -24,10 +24,10 @@ from lightning_moe.adapters.checkpoint import (
     target_layer,
     write_adapter_folder,
 )
-from lightning_moe.adapters.config import AdapterRule, LoraConfig
-from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
-from lightning_moe.adapters.inject import InjectionReport, adapted_layers, inject
-from lightning_moe.adapters.lora import LoraAdapter
+from .config import AdapterRule, LoraConfig
+from .errors import AdapterCheckpointError, AdapterConfigError
+from .inject import InjectionReport, adapted_layers, inject
+from .lora import LoraAdapter
 
 PEFT_PREFIX = "base_model.model."
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.adapters.config import RouterGradient
+from .config import RouterGradient
 
 
 @dataclass
