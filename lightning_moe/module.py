@@ -8,7 +8,6 @@ base. Router auxiliary losses are added to the task loss, and routing statistics
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,6 @@ from lightning_moe.adapters import (
     load_adapter,
     load_balance_loss,
     router_z_loss,
-    routing_collector,
     routing_statistics,
 )
 from lightning_moe.adapters.aux_losses import BalanceScope
@@ -169,8 +167,8 @@ class AdapterModule(L.LightningModule):
 
     # --- steps ----------------------------------------------------------------------------
     def _loss_with_router_terms(self, batch: Any, stage: str) -> Tensor:
-        collector = routing_collector(self.model)
-        with collector.capture() if collector else nullcontext({}) as records:
+        # the collector the injection wired up; no per-step search through the model's modules
+        with self.injection.collector.capture() as records:
             task_loss, token_mask = self.task_loss(batch)
         loss = task_loss
         self.log(f"{stage}/task_loss", task_loss, prog_bar=stage == "train", sync_dist=stage != "train")

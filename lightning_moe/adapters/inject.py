@@ -11,7 +11,6 @@ from torch import nn
 from .config import AdapterConfig, AdapterRule
 from .errors import AdapterConfigError
 from .layer import AdaptedLinear, build_adapter
-from .lora import LoraAdapter
 from .moe import MoELoraAdapter
 from .routing import RoutingCollector
 
@@ -119,7 +118,7 @@ def merge_adapters(model: nn.Module) -> None:
     """Merge every adapter into its base weight; if any layer cannot be merged, merge none."""
     layers = list(adapted_layers(model))
     for name, layer in layers:
-        if not isinstance(layer.adapter, LoraAdapter):
+        if not layer.mergeable:
             raise AdapterConfigError(
                 f"cannot merge layer {name!r}: it has a {layer.config.kind!r} adapter, whose update depends on "
                 "the input (routing); only plain LoRA merges into the base weight (nothing was merged)"

@@ -68,8 +68,13 @@ class AdaptedLinear(nn.Module):
         self.base_layer.weight -= self._delta_weight()
         self.merged = False
 
+    @property
+    def mergeable(self) -> bool:
+        """Only plain LoRA has an input-independent update that can live in the base weight."""
+        return isinstance(self.adapter, LoraAdapter)
+
     def _delta_weight(self) -> Tensor:
-        if not isinstance(self.adapter, LoraAdapter):
+        if not self.mergeable:
             raise AdapterConfigError(
                 f"only plain LoRA can be merged into the base weight; this layer has a {self.config.kind!r} "
                 "adapter, whose update depends on the input (routing)"
