@@ -1,10 +1,12 @@
-"""Tokenizers by name: a byte-level tokenizer built in code (for tiny test models, no download)
-or any Hugging Face tokenizer folder / hub id."""
+"""Tokenizers by name: a byte-level tokenizer built in code (for tiny test models, no download),
+a packaged asset name (see `lightning_moe.assets`), or any Hugging Face tokenizer folder / hub id."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from lightning_moe.assets import resolve_pretrained
 
 BYTE_TOKENIZER = "bytes"
 BYTE_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
@@ -32,11 +34,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """`"bytes"` builds the in-code byte tokenizer; anything else goes to AutoTokenizer."""
+def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
+    """`"bytes"` builds the in-code byte tokenizer; anything else is resolved as an asset
+    (`cache_dir`: where converted assets live) and read by AutoTokenizer."""
     if name_or_path == BYTE_TOKENIZER:
         return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path, cache_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
