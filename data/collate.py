@@ -13,17 +13,40 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PromptCompletion:
-    """One tokenised example; `domain` names its source task (for per-domain metrics)."""
+    """One tokenised example.
+
+    `domain` names its source task (for per-domain metrics); `prompt_text` and `reference` (the
+    expected answer) travel with evaluation batches for scoring and prediction files.
+    """
 
     prompt_ids: list[int]
     completion_ids: list[int]
     domain: str = ""
+    prompt_text: str = ""
+    reference: str = ""
+
+
+def pad_rows(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Stack token rows into one tensor, padded with `value` on the right (or left)."""
+    longest = max(len(row) for row in rows)
+    padded = torch.full((len(rows), longest), value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        start = longest - len(row) if left else 0
+        padded[index, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+    return padded
 
 
 def collate_prompt_completion(
-    examples: Sequence[PromptCompletion], pad_token_id: int, max_length: int | None = None
+    examples: Sequence[PromptCompletion],
+    pad_token_id: int,
+    max_length: int | None = None,
+    for_generation: bool = False,
 ) -> dict:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (completion tokens only)."""
+    """Right-padded `input_ids`, `attention_mask` and `labels` (completion tokens only).
+
+    With `for_generation`, also the prompts alone, LEFT-padded as generation needs
+    (`prompt_ids`, `prompt_mask`), with their texts and reference answers.
+    """
     sequences, labels = [], []
     for example in examples:
         ids = example.prompt_ids + example.completion_ids
@@ -32,17 +55,16 @@ def collate_prompt_completion(
             ids, target = ids[:max_length], target[:max_length]
         sequences.append(ids)
         labels.append(target)
-    longest = max(len(ids) for ids in sequences)
-    batch_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    batch_labels = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, (ids, target) in enumerate(zip(sequences, labels, strict=True)):
-        batch_ids[row, : len(ids)] = torch.tensor(ids)
-        batch_labels[row, : len(target)] = torch.tensor(target)
-        attention_mask[row, : len(ids)] = 1
-    return {
-        "input_ids": batch_ids,
-        "attention_mask": attention_mask,
-        "labels": batch_labels,
+    batch = {
+        "input_ids": pad_rows(sequences, pad_token_id),
+        "attention_mask": pad_rows([[1] * len(ids) for ids in sequences], 0),
+        "labels": pad_rows(labels, IGNORE_INDEX),
         "domain": [example.domain for example in examples],
     }
+    if for_generation:
+        prompts = [example.prompt_ids for example in examples]
+        batch["prompt_ids"] = pad_rows(prompts, pad_token_id, left=True)
+        batch["prompt_mask"] = pad_rows([[1] * len(ids) for ids in prompts], 0, left=True)
+        batch["prompt_text"] = [example.prompt_text for example in examples]
+        batch["reference"] = [example.reference for example in examples]
+    return batch
