@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.module import AdapterModule
+
+
+def _run_folder(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class ExportAdapter(L.Callback):
@@ -26,6 +36,84 @@ class ExportAdapter(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, AdapterModule) or not trainer.is_global_zero:
             return
-        folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "adapter")
+        folder = Path(self.dirpath or _run_folder(trainer) / "adapter")
         pl_module.export_adapter(str(folder), base_model=self.base_model)
         rank_zero_info(f"adapter written to {folder}")
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Write what `predict_step` returns (lists of dicts) to a jsonl file, one record per line,
+    and print the mean of every boolean field (e.g. the fraction of correct answers).
+
+    Args:
+        path: Output file; default: "predictions.jsonl" in the run's log directory. An existing
+            file is never overwritten: the run stops before predicting.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.path = path
+
+    def _target(self, trainer: L.Trainer) -> Path:
+        return Path(self.path) if self.path else _run_folder(trainer) / "predictions.jsonl"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "predict" and self._target(trainer).exists():
+            raise UserInputError(f"prediction file {self._target(trainer)} exists; choose another path")
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices
+    ) -> None:
+        records = [record for batch in predictions for record in batch]
+        target = self._target(trainer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+        os.replace(partial, target)
+        flags = sorted(
+            {key for record in records for key, value in record.items() if isinstance(value, bool)}
+        )
+        means = ", ".join(f"{key} {sum(r[key] for r in records) / len(records):.3f}" for key in flags)
+        rank_zero_info(f"{len(records)} predictions written to {target}" + (f" ({means})" if means else ""))
+
+
+class BeforeAfterTable(L.Callback):
+    """Evaluate before training and after it, and print the two side by side.
+
+    "Before" is Lightning's sanity-check validation, made to cover the whole validation set; at
+    that point fresh adapters are zero deltas, so it scores the base model. Those values also go
+    to the logger at step 0. "After" is the last validation of the run. The table is printed and
+    written to `before_after.md` in the run's log directory.
+
+    Args:
+        metrics: Logged validation metrics to compare, e.g. ["val/strict_match", "val/loss"].
+    """
+
+    def __init__(self, metrics: list[str]) -> None:
+        self.metrics = list(metrics)
+        self.before: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            trainer.num_sanity_val_steps = float("inf")  # the whole validation set
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        values = trainer.callback_metrics
+        self.before = {name: float(values[name]) for name in self.metrics if name in values}
+        if trainer.logger is not None and self.before:
+            trainer.logger.log_metrics(self.before, step=0)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        after = trainer.callback_metrics
+        rows = ["| metric | before training | after training |", "|---|---|---|"]
+        for name in self.metrics:
+            before = f"{self.before[name]:.4f}" if name in self.before else "not measured"
+            final = f"{float(after[name]):.4f}" if name in after else "not measured"
+            rows.append(f"| {name} | {before} | {final} |")
+        table = "\n".join(rows)
+        print(f"\n{table}\n")
+        folder = _run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "before_after.md").write_text(table + "\n")

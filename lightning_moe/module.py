@@ -9,6 +9,7 @@ base. Router auxiliary losses are added to the task loss, and routing statistics
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -122,7 +123,7 @@ class AdapterModule(L.LightningModule):
             self.injection = load_adapter(model, self.adapter_path)
         else:
             self.injection = inject(model, self.adapter_rules)
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; adapter dropout needs train
         for module in self.extra_trainable_modules().values():
             module.requires_grad_(True)
         if self.compile_model:
@@ -171,16 +172,21 @@ class AdapterModule(L.LightningModule):
         with self.injection.collector.capture() as records:
             task_loss, token_mask = self.task_loss(batch)
         loss = task_loss
-        self.log(f"{stage}/task_loss", task_loss, prog_bar=stage == "train", sync_dist=stage != "train")
+        log = partial(
+            self.log,
+            sync_dist=stage != "train",
+            batch_size=token_mask.shape[0] if token_mask is not None else None,
+        )
+        log(f"{stage}/task_loss", task_loss, prog_bar=stage == "train")
         if records:
             balance = load_balance_loss(records, token_mask, self.router_loss.balance_scope)
             z_loss = router_z_loss(records, token_mask)
             loss = loss + self.router_loss.balance_coef * balance + self.router_loss.z_coef * z_loss
-            self.log(f"{stage}/balance_loss", balance, sync_dist=stage != "train")
-            self.log(f"{stage}/z_loss", z_loss, sync_dist=stage != "train")
+            log(f"{stage}/balance_loss", balance)
+            log(f"{stage}/z_loss", z_loss)
             if stage == "train" and self.global_step % self.routing_log_every_n_steps == 0:
                 log_routing_statistics(self, routing_statistics(records, token_mask), records, stage)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
+        log(f"{stage}/loss", loss, prog_bar=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
