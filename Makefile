@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m lightning_moe fit --config configs/smoke/mole_tiny_llama.yaml
+	$(PY) -m lightning_moe fit --config configs/reasoning/mole_smollm2.yaml --config configs/reasoning/demo.yaml
 
 lint: install
 	$(PY) -m ruff check .

@@ -41,9 +41,9 @@ def test_config_prints_a_config_that_parses_again(config, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
-def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
+def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch, tiny_run_overrides):
     monkeypatch.chdir(tmp_path)
-    cli = main([*launch_args(config), "--trainer.fast_dev_run=2"])
+    cli = main([*launch_args(config), *tiny_run_overrides(config), "--trainer.fast_dev_run=2"])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
 
