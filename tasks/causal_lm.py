@@ -24,7 +24,7 @@ def build_causal_lm(
     config dict."""
     if (name_or_path is None) == (config is None):
         raise UserInputError(
-            "give exactly one of `model` (a folder or hub id) and `model_config` (a config dict)"
+            "give exactly one of `model` (an asset name, folder or hub id) and `model_config` (a config dict)"
         )
     if name_or_path is not None:
         return AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path, cache_dir), dtype=dtype)
