@@ -84,10 +84,10 @@ class ReasoningTask(CausalLMTask):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         records = []
-        for prompt, reference, output in zip(
-            batch["prompt_text"], batch["reference"], self.generate(batch), strict=True
+        for prompt, domain, reference, output in zip(
+            batch["prompt_text"], batch["domain"], batch["reference"], self.generate(batch), strict=True
         ):
-            record = {"prompt": prompt, "reference": reference, "generation": output}
+            record = {"prompt": prompt, "domain": domain, "reference": reference, "generation": output}
             for kind in EXTRACTIONS:
                 answer = extract_answer(output, kind)
                 record[f"{kind}_answer"] = answer

@@ -7,8 +7,8 @@ from lightning_moe.data.collate import IGNORE_INDEX
 from lightning_moe.data.math_problems import (
     MathDataModule,
     check_disjoint_seed_ranges,
-    gsm_symbolic_problems,
     read_gsm8k_jsonl,
+    reasoning_gym_problems,
 )
 
 
@@ -25,11 +25,11 @@ def write_jsonl(path, records):
 
 
 def test_generated_problems_end_in_their_answer():
-    problems = gsm_symbolic_problems(size=5, seed=7)
+    problems = reasoning_gym_problems("gsm_symbolic", size=5, seed=7)
     assert len(problems) == 5
     for problem in problems:
         assert problem.solution.rstrip().endswith(f"#### {problem.answer}")
-    assert gsm_symbolic_problems(size=5, seed=7) == problems
+    assert reasoning_gym_problems("gsm_symbolic", size=5, seed=7) == problems
 
 
 def test_overlapping_seed_ranges_are_refused():
@@ -122,7 +122,7 @@ def test_evaluation_batches_carry_left_padded_prompts_and_references():
 
 
 def test_splits_are_fixed_and_training_excludes_held_out_questions(tmp_path):
-    held_out = gsm_symbolic_problems(size=2, seed=0)
+    held_out = reasoning_gym_problems("gsm_symbolic", size=2, seed=0)
     test_file = write_jsonl(
         tmp_path / "test.jsonl", [{"question": p.question, "answer": p.solution} for p in held_out]
     )
@@ -134,3 +134,28 @@ def test_splits_are_fixed_and_training_excludes_held_out_questions(tmp_path):
     again = small_module(test_file=str(test_file))
     again.setup()
     assert [e.prompt_ids for e in again.splits["val"]] == [e.prompt_ids for e in dm.splits["val"]]
+
+
+def test_several_tasks_give_sized_splits_with_domains():
+    dm = small_module(tasks=["chain_sum", "gcd"], train_size=5, val_size=2, test_size=3)
+    dm.setup()
+    for split, size in [("train", 5), ("val", 2), ("test", 3)]:
+        domains = [e.domain for e in dm.splits[split]]
+        assert domains.count("chain_sum") == size and domains.count("gcd") == size
+    gcd = next(e for e in dm.splits["test"] if e.domain == "gcd")
+    completion = dm.tokenizer.decode(gcd.completion_ids, skip_special_tokens=True)
+    assert completion == f"#### {gcd.reference}"  # tasks without a worked solution answer directly
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["domain"] == [e.domain for e in dm.splits["test"][: len(batch["domain"])]]
+
+
+def test_unknown_task_and_jsonl_domain(tmp_path):
+    with pytest.raises(UserInputError, match="unknown reasoning-gym task 'chain_sums'"):
+        small_module(tasks=["chain_sums"]).setup()
+    with pytest.raises(UserInputError, match="distinct"):
+        small_module(tasks=["gcd", "gcd"])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2", "domain": "sums"}])
+    assert read_gsm8k_jsonl(path)[0].domain == "sums"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "#### 2", "domain": 3}])
+    with pytest.raises(UserInputError, match=r"bad.jsonl:1: 'domain' must be a string"):
+        read_gsm8k_jsonl(bad)

@@ -94,10 +94,11 @@ def test_saved_adapter_tests_and_predicts_in_a_new_run(run, tmp_path):
     assert [r["prompt"] for r in records] == expected_prompts
     for record in records:
         assert set(record) == {
-            "prompt", "reference", "generation",
+            "prompt", "domain", "reference", "generation",
             "strict_answer", "strict_correct", "flexible_answer", "flexible_correct",
         }  # fmt: skip
         assert isinstance(record["strict_correct"], bool)
+        assert record["domain"] == "gsm_symbolic"
 
     with pytest.raises(SystemExit, match=r"prediction file .*predictions.jsonl exists"):
         run(
