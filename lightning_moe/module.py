@@ -28,13 +28,9 @@ from lightning_moe.adapters import (
     routing_statistics,
 )
 from lightning_moe.adapters.aux_losses import BalanceScope
-from lightning_moe.adapters.checkpoint import (
-    base_fingerprint,
-    check_fingerprint,
-    read_adapter_config,
-    save_adapter,
-)
+from lightning_moe.adapters.checkpoint import base_fingerprint, check_fingerprint, save_adapter
 from lightning_moe.adapters.errors import AdapterCheckpointError, UserInputError
+from lightning_moe.adapters.files import read_adapter_config
 from lightning_moe.routing_logging import log_routing_statistics
 
 

@@ -8,28 +8,28 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import AdapterRule
 from .errors import AdapterCheckpointError, AdapterConfigError
+from .files import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    check_weight_fingerprint,
+    read_adapter_config,
+    read_safetensors,
+    weight_fingerprint,
+    write_adapter_folder,
+)
 from .inject import InjectionReport, adapted_layers, inject
 from .layer import AdaptedLinear
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT = "lightning_moe.adapter"
-FORMAT_VERSION = 1
-_FINGERPRINT_VALUES = 16
 
 
 def layers_state_dict(layers: Iterable[tuple[str, AdaptedLinear]]) -> dict[str, Tensor]:
@@ -50,9 +50,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict]:
     for name, layer in adapted_layers(model):
         if layer.merged:
             raise AdapterConfigError(f"layer {name!r} is merged; unmerge the adapters before saving them")
-        weight = layer.base_layer.weight.detach()
-        head = weight.flatten()[:_FINGERPRINT_VALUES].float().cpu().tolist()
-        prints[name] = {"shape": list(weight.shape), "head": head}
+        prints[name] = weight_fingerprint(layer.base_layer.weight)
     return prints
 
 
@@ -81,65 +79,6 @@ def save_adapter(
     return write_adapter_folder(folder, state, config, overwrite)
 
 
-def write_adapter_folder(
-    folder: str | os.PathLike, tensors: dict[str, Tensor], config: dict, overwrite: bool = False
-) -> Path:
-    """Write CONFIG_FILE + WEIGHTS_FILE atomically; an existing adapter is replaced only with `overwrite`."""
-    folder = Path(folder)
-    if not overwrite and any((folder / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
-    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
-    try:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(staging / name, folder / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def read_config_object(folder: Path, what: str) -> dict:
-    """The JSON object in `folder`/CONFIG_FILE, or an AdapterCheckpointError saying what is wrong."""
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterCheckpointError(f"no {CONFIG_FILE} in {what} folder {folder}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterCheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise AdapterCheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object")
-    return config
-
-
-def read_adapter_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / CONFIG_FILE
-    config = read_config_object(Path(folder), "adapter")
-    if config.get("format") != FORMAT:
-        raise AdapterCheckpointError(
-            f"{path} is not a lightning_moe adapter (format {config.get('format')!r}, "
-            f"expected {FORMAT!r}); PEFT adapters load with import_peft()"
-        )
-    if config.get("version") != FORMAT_VERSION:
-        raise AdapterCheckpointError(
-            f"{path} has format version {config.get('version')!r}; expected {FORMAT_VERSION}"
-        )
-    return config
-
-
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise AdapterCheckpointError(f"adapter weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterCheckpointError(f"{path} is not a readable safetensors file: {error}") from error
-
-
 def target_layer(model: nn.Module, name: str, source: str) -> nn.Module:
     """The layer `name` that an adapter file adapts, or an error naming it."""
     try:
@@ -153,17 +92,7 @@ def target_layer(model: nn.Module, name: str, source: str) -> nn.Module:
 def check_fingerprint(model: nn.Module, fingerprint: dict[str, dict], source: str) -> None:
     """Refuse an adapter whose recorded base layers are missing, shaped or valued differently."""
     for name, expected in fingerprint.items():
-        weight = target_layer(model, name, source).weight.detach()
-        if list(weight.shape) != expected["shape"]:
-            raise AdapterCheckpointError(
-                f"{source} was saved for a base whose {name!r} has shape {expected['shape']}, "
-                f"this model's is {list(weight.shape)}"
-            )
-        head = weight.flatten()[:_FINGERPRINT_VALUES].float().cpu()
-        if not torch.allclose(head, torch.tensor(expected["head"]), rtol=2e-2, atol=1e-6):
-            raise AdapterCheckpointError(
-                f"{source} was saved from a different base model: the weights of {name!r} differ"
-            )
+        check_weight_fingerprint(name, target_layer(model, name, source).weight, expected, source)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, freeze_base: bool = True) -> InjectionReport:

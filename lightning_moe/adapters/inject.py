@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import AdapterConfig, AdapterRule
+from .config import AdapterConfig, AdapterRule, target_matches
 from .errors import AdapterConfigError
 from .layer import AdaptedLinear, build_adapter
 from .moe import MoELoraAdapter
@@ -34,12 +33,6 @@ class InjectionReport:
         )
 
 
-def matches(name: str, pattern: str, regex: bool) -> bool:
-    if regex:
-        return re.fullmatch(pattern, name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
 def plan_injection(model: nn.Module, rules: list[AdapterRule]) -> dict[str, AdapterConfig]:
     """Resolve rules to {module name: adapter config}, failing loudly on any mismatch."""
     modules = dict(model.named_modules())
@@ -47,7 +40,7 @@ def plan_injection(model: nn.Module, rules: list[AdapterRule]) -> dict[str, Adap
     claimed_by: dict[str, str] = {}
     for rule in rules:
         for pattern in rule.targets:
-            names = [name for name in modules if name and matches(name, pattern, rule.regex)]
+            names = [name for name in modules if name and target_matches(name, pattern, rule.regex)]
             if not names:
                 raise AdapterConfigError(
                     f"target pattern {pattern!r} matched no module of {type(model).__name__}; "

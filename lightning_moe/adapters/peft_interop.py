@@ -16,20 +16,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    read_config_object,
-    read_safetensors,
-    target_layer,
-    write_adapter_folder,
-)
-from .config import AdapterRule, LoraConfig
+from .checkpoint import target_layer
+from .config import AdapterRule
 from .errors import AdapterCheckpointError, AdapterConfigError
+from .files import write_adapter_folder
 from .inject import InjectionReport, adapted_layers, inject
 from .lora import LoraAdapter
-
-PEFT_PREFIX = "base_model.model."
+from .pretrained_lora import PEFT_PREFIX, PeftLoraLayer, check_factor_shapes, read_peft_lora
 
 
 def _peft_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
@@ -87,84 +80,32 @@ def export_peft(
     return write_adapter_folder(folder, tensors, config, overwrite)
 
 
-def _peft_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    config = read_config_object(folder, "PEFT adapter")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterCheckpointError(f"{path} has peft_type {peft_type!r}; only 'LORA' is supported")
-    unsupported = {
-        "use_dora": True,
-        "fan_in_fan_out": True,
-    }
-    for option, bad in unsupported.items():
-        if config.get(option) == bad:
-            raise AdapterCheckpointError(
-                f"{path} sets {option}={bad}, which plain-LoRA import does not support"
-            )
-    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise AdapterCheckpointError(
-            f"{path} trains biases or whole modules; only LoRA factors can be imported"
-        )
-    return config
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key applies to modules whose name ends with it."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default
-
-
 def import_peft(model: nn.Module, folder: str | os.PathLike, freeze_base: bool = True) -> InjectionReport:
     """Inject a PEFT LoRA adapter folder into `model` as our plain-LoRA adapters, weights included."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterCheckpointError(f"PEFT adapter folder {folder} does not exist")
-    config = _peft_config(folder)
-    if not (folder / WEIGHTS_FILE).is_file() and (folder / "adapter_model.bin").is_file():
-        raise AdapterCheckpointError(
-            f"{folder} holds a pickled adapter_model.bin; convert it to safetensors (we never unpickle)"
-        )
-    tensors = read_safetensors(folder / WEIGHTS_FILE)
-    factors: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        if match is None:
-            raise AdapterCheckpointError(f"{folder / WEIGHTS_FILE}: tensor {key!r} is not a LoRA factor")
-        factors.setdefault(match.group(1), {})[match.group(2)] = value
-    rules = []
-    for module, pair in factors.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterCheckpointError(f"{folder / WEIGHTS_FILE}: module {module!r} lacks lora_A or lora_B")
-        rank = pair["A"].shape[0]
-        lora = LoraConfig(
-            rank=rank,
-            alpha=float(
-                _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-            ),
-            dropout=float(config.get("lora_dropout", 0.0)),
-            use_rslora=bool(config.get("use_rslora", False)),
-        )
-        rules.append(AdapterRule(targets=[re.escape(module)], adapter=lora, regex=True))
-    _check_shapes(model, factors, folder)
+    layers = read_peft_lora(folder)
+    _check_shapes(model, layers, folder)
+    rules = [
+        AdapterRule(targets=[re.escape(module)], adapter=layer.config, regex=True)
+        for module, layer in layers.items()
+    ]
     report = inject(model, rules, freeze_base=freeze_base)
     with torch.no_grad():
-        for module, pair in factors.items():
+        for module, layer in layers.items():
             adapter = model.get_submodule(module).adapter
-            adapter.lora_A.copy_(pair["A"])
-            adapter.lora_B.copy_(pair["B"])
+            adapter.lora_A.copy_(layer.lora_A)
+            adapter.lora_B.copy_(layer.lora_B)
     return report
 
 
-def _check_shapes(model: nn.Module, factors: dict[str, dict[str, Tensor]], folder: Path) -> None:
-    for module, pair in factors.items():
-        layer = target_layer(model, module, str(folder))
-        expected_a = (pair["A"].shape[0], layer.in_features)
-        expected_b = (layer.out_features, pair["A"].shape[0])
-        if tuple(pair["A"].shape) != expected_a or tuple(pair["B"].shape) != expected_b:
-            raise AdapterCheckpointError(
-                f"{folder}: LoRA factors of {module!r} have shapes {list(pair['A'].shape)} and {list(pair['B'].shape)}; "
-                f"this model's layer needs {list(expected_a)} and {list(expected_b)}"
-            )
+def _check_shapes(model: nn.Module, layers: dict[str, PeftLoraLayer], folder: Path) -> None:
+    for module, peft_layer in layers.items():
+        check_factor_shapes(
+            module,
+            peft_layer.lora_A,
+            peft_layer.lora_B,
+            target_layer(model, module, str(folder)),
+            str(folder),
+        )

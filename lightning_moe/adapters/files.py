@@ -1,0 +1,119 @@
+"""Adapter folders on disk: `adapter_config.json` + `adapter_model.safetensors`.
+
+Reading and writing them (atomically, never unpickling), their content hash, and the small
+fingerprint of a base layer (shape and first values) that ties an adapter to its base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import AdapterCheckpointError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "lightning_moe.adapter"
+FORMAT_VERSION = 1
+_FINGERPRINT_VALUES = 16
+
+
+def write_adapter_folder(
+    folder: str | os.PathLike, tensors: dict[str, Tensor], config: dict, overwrite: bool = False
+) -> Path:
+    """Write CONFIG_FILE + WEIGHTS_FILE atomically; an existing adapter is replaced only with `overwrite`."""
+    folder = Path(folder)
+    if not overwrite and any((folder / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
+    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
+    try:
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_config_object(folder: Path, what: str) -> dict:
+    """The JSON object in `folder`/CONFIG_FILE, or an AdapterCheckpointError saying what is wrong."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterCheckpointError(f"no {CONFIG_FILE} in {what} folder {folder}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterCheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise AdapterCheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object")
+    return config
+
+
+def is_our_adapter(config: dict) -> bool:
+    return config.get("format") == FORMAT
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    config = read_config_object(Path(folder), "adapter")
+    if not is_our_adapter(config):
+        raise AdapterCheckpointError(
+            f"{path} is not a lightning_moe adapter (format {config.get('format')!r}, "
+            f"expected {FORMAT!r}); PEFT adapters load with import_peft()"
+        )
+    if config.get("version") != FORMAT_VERSION:
+        raise AdapterCheckpointError(
+            f"{path} has format version {config.get('version')!r}; expected {FORMAT_VERSION}"
+        )
+    return config
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise AdapterCheckpointError(f"adapter weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterCheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def folder_sha256(folder: Path) -> str:
+    """Hash of the config and weights files together: any change to either changes it."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with (folder / name).open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_fingerprint(weight: Tensor) -> dict:
+    head = weight.detach().flatten()[:_FINGERPRINT_VALUES].float().cpu().tolist()
+    return {"shape": list(weight.shape), "head": head}
+
+
+def check_weight_fingerprint(name: str, weight: Tensor, expected: dict, source: str) -> None:
+    """Refuse an adapter recorded for a base layer `name` shaped or valued differently from `weight`."""
+    if list(weight.shape) != expected["shape"]:
+        raise AdapterCheckpointError(
+            f"{source} was saved for a base whose {name!r} has shape {expected['shape']}, "
+            f"this model's is {list(weight.shape)}"
+        )
+    head = weight.detach().flatten()[:_FINGERPRINT_VALUES].float().cpu()
+    if not torch.allclose(head, torch.tensor(expected["head"]), rtol=2e-2, atol=1e-6):
+        raise AdapterCheckpointError(
+            f"{source} was saved from a different base model: the weights of {name!r} differ"
+        )
