@@ -45,8 +45,9 @@ class MathProblem:
     domain: str = "math"
 
 
-def reasoning_gym_problems(task: str, size: int, seed: int) -> list[MathProblem]:
-    """`size` problems of a reasoning-gym task from seeds seed .. seed+size-1.
+def reasoning_gym_problems(task: str, size: int, seed: int, options: dict | None = None) -> list[MathProblem]:
+    """`size` problems of a reasoning-gym task from seeds seed .. seed+size-1, generated with the
+    task's config `options` (e.g. chain_sum's max_digits).
 
     `gsm_symbolic` keeps its worked solution; other tasks get the bare `#### <answer>` line.
     """
@@ -60,7 +61,17 @@ def reasoning_gym_problems(task: str, size: int, seed: int) -> list[MathProblem]
     problems = []
     if size == 0:  # reasoning-gym refuses empty datasets
         return problems
-    for item in reasoning_gym.create_dataset(task, size=size, seed=seed):
+    options = options or {}
+    known = set(DATASETS[task][1].__dataclass_fields__) - {"size", "seed"}
+    if set(options) - known:
+        raise UserInputError(
+            f"reasoning-gym task {task!r} has no option(s) {sorted(set(options) - known)}; known: {sorted(known)}"
+        )
+    try:
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **options)
+    except (AssertionError, ValueError) as error:  # reasoning-gym validates its configs with asserts
+        raise UserInputError(f"reasoning-gym task {task!r} refuses options {options}: {error}") from None
+    for item in dataset:
         answer = str(item["answer"])
         solution = item["metadata"].get("answer_cot") or ANSWER_MARKER + answer
         problems.append(MathProblem(item["question"], solution, answer, task))
@@ -130,6 +141,8 @@ class MathDataModule(L.LightningDataModule):
         tokenizer: Asset name, tokenizer folder or hub id (or "bytes" for tiny test models).
         tasks: reasoning-gym tasks with numeric answers to generate problems from; each problem's
             task is its `domain` (scored per domain in prediction files).
+        task_options: Generator options per task, e.g. {chain_sum: {max_digits: 2}}; options of
+            tasks not in `tasks` are unused (one config can serve single-task runs).
         train_file: GSM8K-format jsonl for training (default: generated).
         val_file: GSM8K-format jsonl for validation (default: generated).
         test_file: GSM8K-format jsonl for test and predict (default: generated, the fixed test set).
@@ -150,6 +163,7 @@ class MathDataModule(L.LightningDataModule):
         self,
         tokenizer: str = "smollm2-135m-instruct",
         tasks: list[str] | None = None,
+        task_options: dict[str, dict] | None = None,
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
@@ -169,6 +183,7 @@ class MathDataModule(L.LightningDataModule):
         self.tasks = list(tasks or ["gsm_symbolic"])
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise UserInputError(f"tasks must name distinct reasoning-gym tasks, got {self.tasks}")
+        self.task_options = dict(task_options or {})
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.generated = {
             split: (seed, size)
@@ -196,7 +211,11 @@ class MathDataModule(L.LightningDataModule):
         if self.files[split] is not None:
             return read_gsm8k_jsonl(self.files[split])
         seed, size = self.generated[split]
-        return [problem for task in self.tasks for problem in reasoning_gym_problems(task, size, seed)]
+        return [
+            problem
+            for task in self.tasks
+            for problem in reasoning_gym_problems(task, size, seed, self.task_options.get(task))
+        ]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -159,3 +159,14 @@ def test_unknown_task_and_jsonl_domain(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "#### 2", "domain": 3}])
     with pytest.raises(UserInputError, match=r"bad.jsonl:1: 'domain' must be a string"):
         read_gsm8k_jsonl(bad)
+
+
+def test_task_options_set_the_generator_difficulty():
+    easy = reasoning_gym_problems("chain_sum", size=20, seed=3, options={"max_digits": 1, "max_terms": 2})
+    assert all(abs(int(p.answer)) < 20 for p in easy)
+    with pytest.raises(
+        UserInputError, match=r"task 'chain_sum' has no option\(s\) \['max_digit'\]; known: .*max_digits"
+    ):
+        reasoning_gym_problems("chain_sum", size=2, seed=0, options={"max_digit": 1})
+    with pytest.raises(UserInputError, match=r"task 'chain_sum' refuses options .*max_digits"):
+        reasoning_gym_problems("chain_sum", size=2, seed=0, options={"min_digits": 3, "max_digits": 1})
