@@ -3,14 +3,16 @@
 Nothing here imports Lightning, tasks or data.
 """
 
-from .aux_losses import load_balance_loss, router_z_loss, routing_statistics
+from .aux_losses import gate_label_loss, load_balance_loss, router_z_loss, routing_statistics
 from .backends import BACKENDS
 from .checkpoint import load_adapter, load_adapter_weights, save_adapter
 from .config import (
     AdapterConfig,
     AdapterRule,
     LoraConfig,
+    MeteoraConfig,
     MoELoraConfig,
+    XLoraConfig,
     mixlora_rules,
     mole_rules,
 )
@@ -24,6 +26,7 @@ from .inject import (
     unmerge_adapters,
 )
 from .layer import AdaptedLinear
+from .mixture import LoraMixtureAdapter
 from .peft_interop import export_peft, import_peft
 from .routing import RoutingCollector, RoutingRecord
 
@@ -35,8 +38,11 @@ __all__ = [
     "AdapterConfigError",
     "AdapterRule",
     "UserInputError",
+    "XLoraConfig",
     "InjectionReport",
     "LoraConfig",
+    "LoraMixtureAdapter",
+    "MeteoraConfig",
     "MoELoraConfig",
     "RoutingCollector",
     "RoutingRecord",
@@ -45,6 +51,7 @@ __all__ = [
     "import_peft",
     "inject",
     "load_adapter",
+    "gate_label_loss",
     "load_adapter_weights",
     "load_balance_loss",
     "merge_adapters",

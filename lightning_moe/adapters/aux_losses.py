@@ -7,6 +7,8 @@ Definitions (per routed layer, averaged over layers; only tokens with mask == 1 
   It is 1.0 for perfectly uniform routing, whatever k. With scope "sample" it is computed per
   sequence and averaged over sequences (LLaVA-MoLE balances each sample).
 - router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
+- gate label loss (MeteoRA's supervised gate loss): cross-entropy of the gate logits of every
+  token against the expert of its sequence's task; sequences without a label (-100) do not count.
 """
 
 from __future__ import annotations
@@ -79,6 +81,25 @@ def router_z_loss(records: Mapping[str, RoutingRecord], mask: Tensor | None = No
         token_mask = _token_mask(record, mask)
         z = torch.logsumexp(record.logits.float(), dim=-1).square()
         losses.append((z * token_mask).sum() / token_mask.sum().clamp_min(1.0))
+    return _mean_or_zero(losses)
+
+
+def gate_label_loss(
+    records: Mapping[str, RoutingRecord], labels: Tensor, mask: Tensor | None = None, ignore_index: int = -100
+) -> Tensor:
+    """Mean over layers of the token-level cross-entropy between gate logits [B, T, K] and the
+    expert label of each sequence, labels: [B] (see module docstring)."""
+    losses = []
+    for record in records.values():
+        token_mask = _token_mask(record, mask) > 0
+        targets = labels.to(record.logits.device).view(-1, *([1] * (record.logits.dim() - 2)))
+        targets = targets.expand(record.logits.shape[:-1]).masked_fill(~token_mask, ignore_index)
+        if (targets != ignore_index).any():
+            losses.append(
+                F.cross_entropy(
+                    record.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index
+                )
+            )
     return _mean_or_zero(losses)
 
 

@@ -7,7 +7,8 @@ and lets `adapter_config.json` rebuild the same adapter later.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import AdapterConfigError
@@ -107,9 +108,110 @@ class MoELoraConfig(LowRankConfig):
             )
 
 
-AdapterConfig = LoraConfig | MoELoraConfig
+@dataclass
+class LoraMixtureConfig:
+    """Fields shared by X-LoRA and MeteoRA: K pre-trained LoRAs, frozen and packed, mixed per token.
 
-CONFIG_KINDS: dict[str, type[LowRankConfig]] = {"lora": LoraConfig, "moe": MoELoraConfig}
+    Ranks, alphas and target sets come from the expert folders; see `mixture.py` for the packing.
+    """
+
+    experts: list[str] = field(default_factory=list)
+    expert_sha256: list[str] | None = None
+    top_k: int | None = None
+    temperature: float = 1.0
+    gate_hidden: int = 0
+    gate_dropout: float = 0.0
+    fixed_weights: list[float] | None = None
+    expert_tasks: list[str] | None = None
+    backend: Backend = "dense"
+
+    def __post_init__(self) -> None:
+        count = len(self.experts)
+        if count == 0:
+            raise AdapterConfigError("a LoRA mixture needs expert adapter folders, got experts=[]")
+        if len(set(self.experts)) != count:
+            raise AdapterConfigError(f"experts must be distinct folders, got {self.experts}")
+        for option in ("expert_sha256", "fixed_weights", "expert_tasks"):
+            value = getattr(self, option)
+            if value is not None and len(value) != count:
+                raise AdapterConfigError(
+                    f"{option} needs one entry per expert ({count}), got {len(value)}: {value}"
+                )
+        if self.top_k is not None and not 1 <= self.top_k <= count:
+            raise AdapterConfigError(
+                f"top_k must be between 1 and the {count} experts, got top_k={self.top_k}"
+            )
+        if self.temperature <= 0:
+            raise AdapterConfigError(f"temperature must be > 0, got temperature={self.temperature}")
+        if self.gate_hidden < 0 or not 0.0 <= self.gate_dropout < 1.0:
+            raise AdapterConfigError(
+                f"gate_hidden must be >= 0 and gate_dropout in [0, 1), got {self.gate_hidden} and {self.gate_dropout}"
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class XLoraConfig(LoraMixtureConfig):
+    """X-LoRA: frozen pre-trained LoRAs mixed per token by a small gating classifier, in ONE forward
+    pass (each adapted layer's gate reads that layer's own input; see mixture.py).
+
+    Args:
+        kind: Adapter kind tag, always "xlora".
+        experts: Expert adapter folders, ours or PEFT (`adapter_config.json` +
+            `adapter_model.safetensors`), in gate order.
+        expert_sha256: Content hashes of the expert folders, filled in when they are first loaded
+            and checked on every later load (a changed expert behind a saved gate is refused).
+        top_k: Keep only the k largest mixing weights per token (renormalised); None mixes all.
+        temperature: Softmax temperature of the gate.
+        gate_hidden: Width of the gate's hidden layer (0: a single linear layer).
+        gate_dropout: Dropout on the gate's hidden layer during training.
+        fixed_weights: Instead of a trained gate, the same weights for every token (e.g. a uniform
+            [0.25, 0.25, 0.25, 0.25] is the merged average; a one-hot picks one expert).
+        expert_tasks: The task (data `domain`) each expert was trained on, for the supervised gate
+            loss (`router_loss.label_coef`).
+        backend: Expert compute path ("loop", "dense" or "grouped"); all agree.
+    """
+
+    kind: Literal["xlora"] = "xlora"
+
+
+@dataclass
+class MeteoraConfig(LoraMixtureConfig):
+    """MeteoRA: a linear gate per adapted layer picks the top-k of the packed frozen LoRAs per token
+    (weights renormalised over the chosen k), trained with the LM loss and optionally a supervised
+    loss towards each sample's task (`expert_tasks` + `router_loss.label_coef`).
+
+    Args:
+        kind: Adapter kind tag, always "meteora".
+        experts: Expert adapter folders, ours or PEFT, in gate order.
+        expert_sha256: Content hashes of the expert folders (filled in and checked, see XLoraConfig).
+        top_k: Experts per token.
+        temperature: Softmax temperature of the gate.
+        gate_hidden: Width of a hidden gate layer (0: linear, as in MeteoRA).
+        gate_dropout: Dropout on the gate's hidden layer during training.
+        fixed_weights: Instead of a trained gate, the same weights for every token.
+        expert_tasks: The task (data `domain`) each expert was trained on.
+        backend: Expert compute path ("loop", "dense" or "grouped"); all agree.
+    """
+
+    kind: Literal["meteora"] = "meteora"
+    top_k: int | None = 2
+
+
+AdapterConfig = LoraConfig | MoELoraConfig | XLoraConfig | MeteoraConfig
+
+CONFIG_KINDS: dict[str, type] = {
+    "lora": LoraConfig,
+    "moe": MoELoraConfig,
+    "xlora": XLoraConfig,
+    "meteora": MeteoraConfig,
+}
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
@@ -123,6 +225,13 @@ def config_from_dict(data: dict) -> AdapterConfig:
     if unknown:
         raise AdapterConfigError(f"adapter kind {kind!r} has no option(s) {unknown}; known: {sorted(known)}")
     return cls(**data)
+
+
+def target_matches(name: str, pattern: str, regex: bool) -> bool:
+    """A plain pattern matches the dotted name itself or a suffix after a dot; a regex must match fully."""
+    if regex:
+        return re.fullmatch(pattern, name) is not None
+    return name == pattern or name.endswith("." + pattern)
 
 
 @dataclass
@@ -143,6 +252,9 @@ class AdapterRule:
     def __post_init__(self) -> None:
         if not self.targets:
             raise AdapterConfigError("an adapter rule needs at least one target pattern, got targets=[]")
+
+    def matches(self, name: str) -> bool:
+        return any(target_matches(name, pattern, self.regex) for pattern in self.targets)
 
     def to_dict(self) -> dict:
         return {"targets": list(self.targets), "adapter": self.adapter.to_dict(), "regex": self.regex}

@@ -9,8 +9,8 @@ from torch import nn
 
 from .config import AdapterConfig, AdapterRule, target_matches
 from .errors import AdapterConfigError
-from .layer import AdaptedLinear, build_adapter
-from .moe import MoELoraAdapter
+from .layer import ROUTED_ADAPTERS, AdaptedLinear, build_adapter
+from .mixture import attach_pretrained_experts
 from .routing import RoutingCollector
 
 
@@ -67,9 +67,10 @@ def inject(
     """Replace every matched nn.Linear by an `AdaptedLinear` (in place) and freeze the rest.
 
     Raises `AdapterConfigError` before touching the model when a pattern matches nothing, a
-    match is not a linear layer the model calls, or two rules claim the same layer. `prepare`
-    sees the new layers before they are attached (e.g. to load weights), so an error there
-    also leaves the model untouched.
+    match is not a linear layer the model calls, or two rules claim the same layer. Mixtures of
+    pre-trained LoRAs (X-LoRA, MeteoRA) read their expert folders next, and `prepare` then sees
+    the new layers (e.g. to load weights); both happen before the layers are attached, so an error
+    there also leaves the model untouched.
     """
     plan = plan_injection(model, rules)
     layers = {}
@@ -77,13 +78,14 @@ def inject(
         base_layer = model.get_submodule(name)
         layers[name] = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
         layers[name].train(base_layer.training)  # new modules start in train mode; follow the model's mode
+    attach_pretrained_experts(layers)
     if prepare is not None:
         prepare(layers)
     if freeze_base:  # everything the model has so far, earlier adapters included; the new ones train
         model.requires_grad_(False)
     collector = RoutingCollector()
     for name, layer in layers.items():
-        if isinstance(layer.adapter, MoELoraAdapter):
+        if isinstance(layer.adapter, ROUTED_ADAPTERS):
             layer.adapter.layer_name = name
             layer.adapter.collector = collector
         parent_name, _, attribute = name.rpartition(".")
@@ -102,7 +104,7 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
 def routing_collector(model: nn.Module) -> RoutingCollector | None:
     """The collector the model's routers share (None when it has no routed adapter)."""
     for _, layer in adapted_layers(model):
-        if isinstance(layer.adapter, MoELoraAdapter):
+        if isinstance(layer.adapter, ROUTED_ADAPTERS):
             return layer.adapter.collector
     return None
 
@@ -114,7 +116,8 @@ def merge_adapters(model: nn.Module) -> None:
         if not layer.mergeable:
             raise AdapterConfigError(
                 f"cannot merge layer {name!r}: it has a {layer.config.kind!r} adapter, whose update depends on "
-                "the input (routing); only plain LoRA merges into the base weight (nothing was merged)"
+                "the input (routing); only plain LoRA and fixed-weight LoRA mixtures merge into the base weight "
+                "(nothing was merged)"
             )
     for _, layer in layers:
         layer.merge()

@@ -8,9 +8,17 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .errors import AdapterConfigError
 from .lora import LoraAdapter
+from .mixture import LoraMixtureAdapter
 from .moe import MoELoraAdapter
 
-ADAPTER_CLASSES: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "moe": MoELoraAdapter}
+ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
+    "lora": LoraAdapter,
+    "moe": MoELoraAdapter,
+    "xlora": LoraMixtureAdapter,
+    "meteora": LoraMixtureAdapter,
+}
+# Adapters that report routing decisions to the model's collector.
+ROUTED_ADAPTERS = (MoELoraAdapter, LoraMixtureAdapter)
 
 
 def build_adapter(config: AdapterConfig, base_layer: nn.Linear) -> nn.Module:
@@ -20,8 +28,8 @@ def build_adapter(config: AdapterConfig, base_layer: nn.Linear) -> nn.Module:
 class AdaptedLinear(nn.Module):
     """Keeps the original layer as `base_layer` (frozen) and adds `adapter(x)` to its output.
 
-    Plain LoRA can be merged into the base weight (then forward is just the base layer) and
-    unmerged again.
+    Input-independent updates (plain LoRA, a fixed-weight mixture of LoRAs) can be merged into
+    the base weight (then forward is just the base layer) and unmerged again.
     """
 
     def __init__(self, base_layer: nn.Linear, adapter: nn.Module, config: AdapterConfig) -> None:
@@ -70,14 +78,14 @@ class AdaptedLinear(nn.Module):
 
     @property
     def mergeable(self) -> bool:
-        """Only plain LoRA has an input-independent update that can live in the base weight."""
-        return isinstance(self.adapter, LoraAdapter)
+        """Whether the update is input-independent, so it can live in the base weight."""
+        return getattr(self.adapter, "mergeable", False)
 
     def _delta_weight(self) -> Tensor:
         if not self.mergeable:
             raise AdapterConfigError(
-                f"only plain LoRA can be merged into the base weight; this layer has a {self.config.kind!r} "
-                "adapter, whose update depends on the input (routing)"
+                f"only plain LoRA and fixed-weight LoRA mixtures merge into the base weight; this layer has a "
+                f"{self.config.kind!r} adapter, whose update depends on the input (routing)"
             )
         return self.adapter.delta_weight().to(self.base_layer.weight.dtype)
 

@@ -25,6 +25,8 @@ class LoraAdapter(nn.Module):
     W_res + s * B @ A with identical gradients.
     """
 
+    mergeable = True  # the update does not depend on the input
+
     def __init__(self, base_layer: nn.Linear, config: LoraConfig) -> None:
         super().__init__()
         weight = base_layer.weight

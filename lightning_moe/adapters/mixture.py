@@ -1,0 +1,238 @@
+"""Mixtures of pre-trained LoRAs (X-LoRA, MeteoRA): K trained LoRAs, frozen and packed, mixed per
+token by a trained gate, in one forward pass.
+
+Packing. At each adapted layer, expert k's factors (scaling folded into B) are zero-padded to the
+largest rank among the experts there and stacked as A: [K, r, in], B: [K, out, r]; an expert that
+does not adapt the layer holds zeros. Zero rows of A and zero columns of B add nothing, so the
+padded stack computes exactly each expert's update, and one tensor per layer lets every expert
+backend run without a loop over adapters (dense: one matmul to K*r ranks and one back). The
+price is K*r - sum(r_k) idle ranks, small for a family of LoRAs from one recipe; grouping experts
+by rank would avoid it at the cost of one matmul pair per group.
+
+One pass. The reference X-LoRA runs the whole model twice per step: once with the adapters
+off to get the last hidden states, from which its classifier predicts every layer's mixing
+weights, and again with those weights. Here the gate of each adapted layer reads that layer's own
+input, which exists when the layer runs, so the base model runs once. A deep layer's gate still
+sees context (its input has passed through every earlier block); the weights are therefore per
+layer, as in the reference's `layerwise_scalings` mode. Expert weights are frozen buffers, not
+parameters: checkpoints hold the gates plus the expert folders and their content hashes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKENDS
+from .config import LoraMixtureConfig
+from .errors import AdapterCheckpointError
+from .files import check_weight_fingerprint
+from .pretrained_lora import PretrainedLora, check_factor_shapes, read_pretrained_lora
+from .routing import RoutingCollector, RoutingRecord
+
+
+class MixtureGate(nn.Module):
+    """Per-token logits over K experts: a linear layer, or an MLP with one hidden layer.
+
+    With `uniform_start` the output layer starts at zero, so every token starts with equal
+    weights: the mixture begins as the merged average of its experts.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        uniform_start: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        output = nn.Linear(hidden or in_features, num_experts, **factory)
+        if uniform_start:
+            nn.init.zeros_(output.weight)
+            nn.init.zeros_(output.bias)
+        if hidden:
+            self.net = nn.Sequential(
+                nn.Linear(in_features, hidden, **factory), nn.ReLU(), nn.Dropout(dropout), output
+            )
+        else:
+            self.net = output
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).float()
+
+
+class LoraMixtureAdapter(nn.Module):
+    """A gate over K frozen, packed LoRA experts: the delta of one adapted linear layer.
+
+    The experts arrive through `set_experts` (see `attach_pretrained_experts`). The gate reports
+    its logits and each token's chosen (or, when all experts mix, dominant) expert to the routing
+    collector; with `fixed_weights` there is no gate and the update is input-independent, so it
+    can be merged into the base weight.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: LoraMixtureConfig) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        experts = config.num_experts
+        self.register_buffer(
+            "expert_A", torch.zeros(experts, 0, base_layer.in_features, **factory), persistent=False
+        )
+        self.register_buffer(
+            "expert_B", torch.zeros(experts, base_layer.out_features, 0, **factory), persistent=False
+        )
+        self.top_k = config.top_k
+        self.temperature = config.temperature
+        self.backend = config.backend
+        self.gate: MixtureGate | None = None
+        if config.fixed_weights is None:
+            self.gate = MixtureGate(
+                base_layer.in_features,
+                experts,
+                config.gate_hidden,
+                config.gate_dropout,
+                uniform_start=config.top_k is None,
+                **factory,
+            )
+        else:
+            self.register_buffer(
+                "fixed_weights", torch.tensor(config.fixed_weights, **factory), persistent=False
+            )
+        self.layer_name = ""
+        self.collector: RoutingCollector | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_A.shape[0]
+
+    @property
+    def mergeable(self) -> bool:
+        return self.gate is None
+
+    @torch.no_grad()
+    def set_experts(self, factors: list[tuple[Tensor, Tensor] | None]) -> None:
+        """Pack expert k's (A [r_k, in], B [out, r_k]) into the stack; None: k does not adapt this layer."""
+        rank = max(pair[0].shape[0] for pair in factors if pair is not None)
+        stacked_A = self.expert_A.new_zeros(self.num_experts, rank, self.expert_A.shape[2])
+        stacked_B = self.expert_B.new_zeros(self.num_experts, self.expert_B.shape[1], rank)
+        for expert, pair in enumerate(factors):
+            if pair is not None:
+                lora_A, lora_B = pair
+                stacked_A[expert, : lora_A.shape[0]] = lora_A
+                stacked_B[expert, :, : lora_B.shape[1]] = lora_B
+        self.expert_A, self.expert_B = stacked_A, stacked_B
+
+    def mixing_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x: [N, in] -> (indices [N, k], weights [N, k], gate logits [N, K] or None when fixed)."""
+        every_expert = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
+        if self.gate is None:
+            return every_expert, self.fixed_weights.expand(x.shape[0], -1), None
+        logits = self.gate(x)
+        probs = (logits / self.temperature).softmax(dim=-1)
+        if self.top_k is None:
+            return every_expert, probs, logits
+        top_probs, indices = probs.topk(self.top_k, dim=-1)
+        return indices, top_probs / top_probs.sum(dim=-1, keepdim=True), logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead_shape = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1]).to(self.expert_A.dtype)
+        indices, weights, logits = self.mixing_weights(flat)
+        if logits is not None and self.collector is not None:
+            # the chosen experts, or with all K mixed each token's dominant one, for statistics
+            chosen = indices if self.top_k is not None else weights.argmax(dim=-1, keepdim=True)
+            self.collector.record(
+                RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), chosen.view(*lead_shape, -1))
+            )
+        delta = BACKENDS[self.backend](flat, self.expert_A, self.expert_B, indices, weights.to(flat.dtype))
+        return delta.view(*lead_shape, delta.shape[-1])
+
+    def delta_weight(self) -> Tensor:
+        """The fixed mixture's dense [out, in] update: sum_k w_k B_k @ A_k."""
+        return torch.einsum("k,kor,kri->oi", self.fixed_weights, self.expert_B, self.expert_A)
+
+
+def attach_pretrained_experts(layers: Mapping[str, nn.Module]) -> None:
+    """Read each mixture's expert folders once and pack them into its layers.
+
+    Refuses, naming the folder: a missing or unreadable folder, an expert made for another base
+    (layer shapes, or our format's base fingerprint), an expert adapting a layer the mixture does
+    not target, a targeted layer no expert adapts, and an expert whose content hash differs from
+    the one recorded in the config (a changed file behind a saved gate). Unset hashes are filled in.
+    """
+    groups: dict[int, tuple[LoraMixtureConfig, list[str]]] = {}
+    for name, layer in layers.items():
+        if isinstance(layer.adapter, LoraMixtureAdapter):
+            groups.setdefault(id(layer.config), (layer.config, []))[1].append(name)
+    read: dict[str, PretrainedLora] = {}  # one read per folder, however many mixtures use it
+    for config, names in groups.values():
+        for folder in config.experts:
+            if folder not in read:
+                read[folder] = read_pretrained_lora(folder)
+        experts = [read[folder] for folder in config.experts]
+        _check_hashes(config, experts)
+        for expert in experts:
+            _check_expert_fits(expert, {name: layers[name] for name in names})
+        for name in names:
+            if not any(name in expert.factors for expert in experts):
+                raise AdapterCheckpointError(
+                    f"no expert adapts layer {name!r}; target only layers the experts {config.experts} adapt"
+                )
+            layers[name].adapter.set_experts([expert.factors.get(name) for expert in experts])
+
+
+def _check_hashes(config: LoraMixtureConfig, experts: list[PretrainedLora]) -> None:
+    hashes = [expert.sha256 for expert in experts]
+    if config.expert_sha256 is None:
+        config.expert_sha256 = hashes
+        return
+    for expert, recorded in zip(experts, config.expert_sha256, strict=True):
+        if expert.sha256 != recorded:
+            raise AdapterCheckpointError(
+                f"expert adapter {expert.folder} changed since this mixture was saved: its sha256 is "
+                f"{expert.sha256[:16]}..., the mixture recorded {recorded[:16]}...; restore the expert or retrain the gate"
+            )
+
+
+def _check_expert_fits(expert: PretrainedLora, layers: Mapping[str, nn.Module]) -> None:
+    for module, (lora_A, lora_B) in expert.factors.items():
+        if module not in layers:
+            raise AdapterCheckpointError(
+                f"expert {expert.folder} adapts {module!r}, which is not among the {len(layers)} layers this "
+                f"mixture adapts (e.g. {next(iter(layers))!r}); target every layer the experts adapt, "
+                "or check that the expert was trained on this base model"
+            )
+        base_layer = layers[module].base_layer
+        check_factor_shapes(module, lora_A, lora_B, base_layer, str(expert.folder))
+        if module in expert.fingerprint:
+            check_weight_fingerprint(
+                module, base_layer.weight, expert.fingerprint[module], str(expert.folder)
+            )
+
+
+def expert_references(layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """{expert folder: sha256} of every mixture among `layers`, for checkpoints to record."""
+    references = {}
+    for layer in layers.values():
+        if isinstance(layer.adapter, LoraMixtureAdapter) and layer.config.expert_sha256:
+            references.update(zip(layer.config.experts, layer.config.expert_sha256, strict=True))
+    return references
+
+
+def check_expert_references(
+    layers: Mapping[str, nn.Module], recorded: Mapping[str, str], source: str
+) -> None:
+    """Refuse a checkpoint whose gates were trained over experts that have changed since."""
+    current = expert_references(layers)
+    for folder, sha256 in recorded.items():
+        if current.get(folder) != sha256:
+            raise AdapterCheckpointError(
+                f"{source} was trained over expert adapter {folder} with sha256 {sha256[:16]}...; the model now "
+                f"has {current.get(folder, 'no such expert')[:16]}... there; restore the expert or retrain the gate"
+            )
