@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from lightning_moe.adapters import (
     AdapterRule,
     InjectionReport,
+    adapted_layers,
+    gate_label_loss,
     inject,
     load_adapter,
     load_balance_loss,
@@ -31,6 +33,7 @@ from lightning_moe.adapters.aux_losses import BalanceScope
 from lightning_moe.adapters.checkpoint import base_fingerprint, check_fingerprint, save_adapter
 from lightning_moe.adapters.errors import AdapterCheckpointError, UserInputError
 from lightning_moe.adapters.files import read_adapter_config
+from lightning_moe.adapters.mixture import check_expert_references, expert_references
 from lightning_moe.routing_logging import log_routing_statistics
 
 
@@ -42,11 +45,15 @@ class RouterLoss:
         balance_coef: Weight of the Switch/Mixtral load-balancing loss (1.0 when balanced).
         z_coef: Weight of the router z-loss.
         balance_scope: "batch" balances over all tokens of the batch, "sample" per sequence.
+        label_coef: Weight of the supervised gate loss of LoRA mixtures (MeteoRA): every token's
+            gate is trained towards the expert whose `expert_tasks` entry is its sample's
+            `domain`. Needs a mixture with `expert_tasks` and batches with a "domain" list.
     """
 
     balance_coef: float = 0.01
     z_coef: float = 0.0
     balance_scope: BalanceScope = "batch"
+    label_coef: float = 0.0
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -96,6 +103,8 @@ class AdapterModule(L.LightningModule):
         self.routing_log_every_n_steps = routing_log_every_n_steps
         self.model: nn.Module | None = None
         self.injection: InjectionReport | None = None
+        self.expert_of_task: dict[str, int] = {}  # for the supervised gate loss
+        self.labelled_gates: set[str] = set()
 
     # --- what a task provides -------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -122,9 +131,33 @@ class AdapterModule(L.LightningModule):
         self.model = model.train()  # from_pretrained returns eval mode; adapter dropout needs train
         for module in self.extra_trainable_modules().values():
             module.requires_grad_(True)
+        if self.router_loss.label_coef > 0:
+            self._find_labelled_gates()
         if self.compile_model:
             self.model.compile()
         rank_zero_info(self.injection.summary())
+
+    def _find_labelled_gates(self) -> None:
+        for name, layer in adapted_layers(self.model):
+            tasks = getattr(layer.config, "expert_tasks", None)
+            if tasks:
+                self.labelled_gates.add(name)
+                self.expert_of_task = {task: index for index, task in enumerate(tasks)}
+        if not self.labelled_gates:
+            raise UserInputError(
+                f"router_loss.label_coef={self.router_loss.label_coef} trains gates towards each sample's task, "
+                "but no adapter names its experts' tasks; set `expert_tasks` on an xlora/meteora adapter"
+            )
+
+    def gate_labels(self, batch: Any) -> Tensor:
+        """The expert index of each sample's task (`batch["domain"]`), -100 for unknown tasks."""
+        if not isinstance(batch, dict) or "domain" not in batch:
+            raise UserInputError(
+                "the supervised gate loss needs batches with a 'domain' list (the task of each sample)"
+            )
+        return torch.tensor(
+            [self.expert_of_task.get(domain, -100) for domain in batch["domain"]], device=self.device
+        )
 
     def export_adapter(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
         """Write the adapters in the stand-alone format (adapter_config.json + safetensors)."""
@@ -157,10 +190,14 @@ class AdapterModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["base_fingerprint"] = base_fingerprint(self.model)
+        checkpoint["expert_sha256"] = expert_references(dict(adapted_layers(self.model)))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "base_fingerprint" in checkpoint:
             check_fingerprint(self.model, checkpoint["base_fingerprint"], "checkpoint")
+        check_expert_references(
+            dict(adapted_layers(self.model)), checkpoint.get("expert_sha256", {}), "checkpoint"
+        )
 
     # --- steps ----------------------------------------------------------------------------
     def _loss_with_router_terms(self, batch: Any, stage: str) -> Tensor:
@@ -180,6 +217,11 @@ class AdapterModule(L.LightningModule):
             loss = loss + self.router_loss.balance_coef * balance + self.router_loss.z_coef * z_loss
             log(f"{stage}/balance_loss", balance)
             log(f"{stage}/z_loss", z_loss)
+            if self.router_loss.label_coef > 0:
+                gates = {name: record for name, record in records.items() if name in self.labelled_gates}
+                label_loss = gate_label_loss(gates, self.gate_labels(batch), token_mask)
+                loss = loss + self.router_loss.label_coef * label_loss
+                log(f"{stage}/gate_label_loss", label_loss)
             if stage == "train" and self.global_step % self.routing_log_every_n_steps == 0:
                 log_routing_statistics(self, routing_statistics(records, token_mask), records, stage)
         log(f"{stage}/loss", loss, prog_bar=True)
