@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -20,22 +21,58 @@ TINY_LLAMA = {
     "max_position_embeddings": 64,
 }
 
+# The tiny stand-in for SmolLM2 in config test runs (positions for byte-tokenised problems).
+TINY_REASONING_LLAMA = TINY_LLAMA | {"max_position_embeddings": 1024}
+REASONING_OVERRIDES = [
+    "--model.init_args.model=null",
+    "--model.init_args.model_config=" + json.dumps(TINY_REASONING_LLAMA),
+    "--model.init_args.max_new_tokens=6",
+    "--data.init_args.tokenizer=bytes",
+    "--data.init_args.instruction=",
+    "--data.init_args.train_size=16",
+    "--data.init_args.val_size=4",
+    "--data.init_args.test_size=4",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.eval_batch_size=2",
+]
 # Config folders whose real model is too big for a test: their test runs swap in a tiny random
 # model, the in-code byte tokenizer and small data with these overrides.
-TINY_RUN_OVERRIDES = {
-    "reasoning": [
-        "--model.init_args.model=null",
-        "--model.init_args.model_config=" + json.dumps(TINY_LLAMA | {"max_position_embeddings": 1024}),
-        "--model.init_args.max_new_tokens=6",
-        "--data.init_args.tokenizer=bytes",
-        "--data.init_args.instruction=",
-        "--data.init_args.train_size=16",
-        "--data.init_args.val_size=4",
-        "--data.init_args.test_size=4",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.eval_batch_size=2",
-    ],
-}
+TINY_RUN_OVERRIDES = {"reasoning": REASONING_OVERRIDES, "mixtures": REASONING_OVERRIDES}
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def expert_folders(config_dir: Path) -> set[str]:
+    """Every expert adapter folder the YAML files in `config_dir` refer to."""
+
+    def collect(node) -> set[str]:
+        if isinstance(node, dict):
+            found = set(node.get("experts") or [])
+            return found.union(*(collect(value) for value in node.values()))
+        if isinstance(node, list):
+            return set().union(*(collect(value) for value in node))
+        return set()
+
+    return set().union(*(collect(yaml.safe_load(path.read_text())) for path in config_dir.glob("*.yaml")))
+
+
+def write_tiny_experts(folders, seed: int = 0) -> None:
+    """Random LoRA experts on every linear of the tiny reasoning Llama, saved at `folders` (relative
+    to the working directory), so mixture configs find experts that fit their tiny model."""
+    import torch
+
+    from lightning_moe.adapters import AdapterRule, LoraConfig, inject, save_adapter
+    from lightning_moe.tasks.causal_lm import build_causal_lm
+
+    for index, folder in enumerate(sorted(folders)):
+        model = build_causal_lm(None, TINY_REASONING_LLAMA, 0, torch.float32)
+        rules = [AdapterRule(targets=LLAMA_LINEARS, adapter=LoraConfig(rank=2 + index % 2))]
+        inject(model, rules)
+        torch.manual_seed(seed + index)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(std=0.1)
+        save_adapter(model, rules, folder, base_model="tiny")
 
 
 @pytest.fixture
@@ -45,9 +82,19 @@ def tiny_llama_config() -> dict:
 
 @pytest.fixture
 def tiny_run_overrides():
-    """The overrides that make a config's test run use a tiny model (none for tiny configs)."""
+    """The overrides that make a config's test run use a tiny model (none for tiny configs).
+    For mixture configs it also writes tiny expert LoRAs where they look for experts."""
 
     def overrides(config: Path) -> list[str]:
+        if config.parent.name == "mixtures":
+            missing = {folder for folder in expert_folders(config.parent) if not Path(folder).exists()}
+            write_tiny_experts(missing)
         return TINY_RUN_OVERRIDES.get(config.parent.name, [])
 
     return overrides
+
+
+@pytest.fixture
+def tiny_experts():
+    """write(folders): tiny random LoRA experts that fit the tiny reasoning Llama."""
+    return write_tiny_experts
