@@ -69,7 +69,7 @@ class AdapterModule(L.LightningModule):
         router_loss: Auxiliary router losses.
         optimizer: Optimizer factory, called with parameter groups ("adapters", "routers", "extra").
         scheduler: Optional learning-rate scheduler factory (stepped every optimizer step).
-        router_lr: Learning rate of the routers (None: the optimizer's).
+        router_lr: Learning rate of the routers and LoRA-mixture gates (None: the optimizer's).
         extra_lr: Learning rate of other trainable modules such as projectors (None: the optimizer's).
         compile: Compile the adapted model in `configure_model` (nn.Module.compile, keys unchanged).
         routing_log_every_n_steps: How often routing statistics go to the logger.
@@ -242,7 +242,7 @@ class AdapterModule(L.LightningModule):
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
-            if ".router." in name:
+            if ".router." in name or ".adapter.gate." in name:  # MoE routers and LoRA-mixture gates
                 groups["routers"].append(parameter)
             elif ".adapter." in name:
                 groups["adapters"].append(parameter)

@@ -90,3 +90,13 @@ def test_xlora_checkpoint_resumes_and_refuses_a_changed_expert(run, tmp_path, ti
     with pytest.raises(SystemExit) as exit_info:
         run("xlora_smollm2.yaml", "predict", f"--model.init_args.adapter_path={adapter}")
     assert "count_bits/adapter changed since this mixture was saved" in str(exit_info.value.code)
+
+
+def test_gates_train_with_the_router_learning_rate(run):
+    cli = run("xlora_smollm2.yaml", "fit", "--trainer.max_steps=1", "--model.init_args.router_lr=0.5")
+    (optimizer,) = cli.trainer.optimizers
+    assert [group["name"] for group in optimizer.param_groups] == ["routers"]
+    gates = {id(p) for n, p in cli.model.named_parameters() if ".adapter.gate." in n}
+    assert len(gates) == 2 * 7 * 2  # weight and bias of a linear gate on each of 14 layers
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == gates
+    assert optimizer.param_groups[0]["lr"] == 0.5
