@@ -1,0 +1,180 @@
+"""Mixtures of pre-trained LoRAs on the whole SmolLM2-135M shape, side by side with peft, as ratios.
+
+    python benchmarks/lora_mixtures.py --output docs/benchmarks_mixtures.md
+
+A randomly initialised model of SmolLM2-135M's shape (30 layers, 576 wide, MLP 1536) gets K peft
+LoRAs (rank 8, every attention and MLP linear) saved by peft itself; then, in one process:
+the frozen model (floor), peft with one of those LoRAs, peft's XLoraModel over all K, and our
+X-LoRA and MeteoRA over the same K folders. A training step is forward + backward of the LM
+loss (peft LoRA trains its LoRA; the mixtures train their gates); inference is one forward pass
+without gradients. Rounds interleave the variants so machine drift hits all alike; reported are
+the median ms, the interquartile range and the ratio of medians to peft single-LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import peft
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_moe.adapters import AdapterRule, MeteoraConfig, XLoraConfig, inject
+
+SMOLLM2_135M = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    use_cache=False,  # peft's XLoraModel refuses a KV cache
+)
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def base_model() -> nn.Module:
+    torch.manual_seed(0)  # every variant wraps identical base weights
+    return LlamaForCausalLM(SMOLLM2_135M)
+
+
+def write_peft_experts(folder: Path, count: int, rank: int) -> list[str]:
+    folders = []
+    for index in range(count):
+        model = peft.get_peft_model(
+            base_model(), peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LINEARS)
+        )
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.01)
+        model.save_pretrained(str(folder / f"expert_{index}"))
+        folders.append(str(folder / f"expert_{index}"))
+    return folders
+
+
+def variants(experts: list[str]) -> dict[str, nn.Module]:
+    frozen = base_model().requires_grad_(False)
+    single = peft.PeftModel.from_pretrained(base_model(), experts[0], is_trainable=True)
+    peft_xlora = peft.get_peft_model(
+        base_model(),
+        peft.XLoraConfig(
+            task_type="CAUSAL_LM",
+            hidden_size=SMOLLM2_135M.hidden_size,
+            adapters={str(index): folder for index, folder in enumerate(experts)},
+        ),
+    )
+    ours = {}
+    for name, config in [
+        ("ours X-LoRA", XLoraConfig(experts=experts)),
+        ("ours MeteoRA top-2", MeteoraConfig(experts=experts, top_k=2)),
+    ]:
+        model = base_model()
+        inject(model, [AdapterRule(targets=LINEARS, adapter=config)])
+        ours[name] = model
+    return {"frozen model": frozen, "peft LoRA (one)": single, "peft X-LoRA": peft_xlora} | ours
+
+
+def train_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:  # the floor: backward through every activation, no weight gradients
+        model.enable_input_require_grads()
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        for parameter in trainable:
+            parameter.grad = None
+
+    return step
+
+
+def inference_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    return step
+
+
+def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def table(times: dict[str, list[float]], reference: str) -> list[str]:
+    base = statistics.median(times[reference])
+    rows = [f"| variant | median ms | IQR ms | × {reference} |", "|---|---:|---:|---:|"]
+    for name, samples in times.items():
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        median = statistics.median(samples)
+        rows.append(f"| {name} | {median:.0f} | {q3 - q1:.0f} | {median / base:.2f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as folder:
+        models = variants(write_peft_experts(Path(folder), args.experts, args.rank))
+    for name, model in models.items():
+        model.train(name != "frozen model")
+    ids = torch.randint(
+        0, SMOLLM2_135M.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
+    )
+    training = measure({n: train_step(m, ids) for n, m in models.items()}, args.rounds, args.warmup)
+    for model in models.values():
+        model.eval()
+    inference = measure({n: inference_step(m, ids) for n, m in models.items()}, args.rounds, args.warmup)
+
+    lines = [
+        "# LoRA mixtures benchmark",
+        "",
+        f"Command: `python benchmarks/lora_mixtures.py --experts {args.experts} --rank {args.rank} "
+        f"--batch {args.batch} --tokens {args.tokens} --rounds {args.rounds}`",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"peft {peft.__version__}, {datetime.now(UTC):%Y-%m-%d}. SmolLM2-135M shape, {args.experts} LoRAs of "
+        f"rank {args.rank} on all 7 linears of every layer, {args.batch} x {args.tokens} tokens, fp32.",
+        "",
+        "## Training step (forward + backward)",
+        "",
+        *table(training, "peft LoRA (one)"),
+        "",
+        "## Inference (one forward pass, no gradients)",
+        "",
+        *table(inference, "peft LoRA (one)"),
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
