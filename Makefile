@@ -36,6 +36,7 @@ tb: install
 
 bench: install
 	$(PY) benchmarks/adapter_layers.py --output docs/benchmarks.md
+	$(PY) benchmarks/lora_mixtures.py --output docs/benchmarks_mixtures.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from timing import measure, ratio_table
 from torch import nn
 
 from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
@@ -68,32 +67,6 @@ def step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def measure(
-    models: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    steps = {name: step_fn(model, x.clone().requires_grad_(True)) for name, model in models.items()}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def table(times: dict[str, list[float]]) -> list[str]:
-    reference = statistics.median(times["peft LoRA"])
-    rows = ["| variant | median ms | IQR ms | × peft LoRA |", "|---|---:|---:|---:|"]
-    for name, samples in times.items():
-        q1, _, q3 = statistics.quantiles(samples, n=4)
-        median = statistics.median(samples)
-        rows.append(f"| {name} | {median:.2f} | {q3 - q1:.2f} | {median / reference:.2f} |")
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2-mlp"], choices=sorted(SHAPES))
@@ -121,7 +94,8 @@ def main() -> None:
         }
         x = torch.randn(args.tokens, in_features, dtype=dtype)
         lines += ["", f"## {shape} ({in_features} → {out_features}), {args.dtype}, rank {args.rank}", ""]
-        lines += table(measure(models, x, args.rounds, args.warmup))
+        steps = {name: step_fn(model, x.clone().requires_grad_(True)) for name, model in models.items()}
+        lines += ratio_table(measure(steps, args.rounds, args.warmup), "peft LoRA")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.output:

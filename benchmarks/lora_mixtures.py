@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import peft
 import torch
+from timing import measure, ratio_table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -106,29 +105,6 @@ def inference_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def table(times: dict[str, list[float]], reference: str) -> list[str]:
-    base = statistics.median(times[reference])
-    rows = [f"| variant | median ms | IQR ms | × {reference} |", "|---|---:|---:|---:|"]
-    for name, samples in times.items():
-        q1, _, q3 = statistics.quantiles(samples, n=4)
-        median = statistics.median(samples)
-        rows.append(f"| {name} | {median:.0f} | {q3 - q1:.0f} | {median / base:.2f} |")
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=4)
@@ -163,11 +139,11 @@ def main() -> None:
         "",
         "## Training step (forward + backward)",
         "",
-        *table(training, "peft LoRA (one)"),
+        *ratio_table(training, "peft LoRA (one)", decimals=0),
         "",
         "## Inference (one forward pass, no gradients)",
         "",
-        *table(inference, "peft LoRA (one)"),
+        *ratio_table(inference, "peft LoRA (one)", decimals=0),
     ]
     report = "\n".join(lines) + "\n"
     print(report)

@@ -1,0 +1,33 @@
+"""Shared by the benchmarks: interleaved timing rounds and a markdown table of ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call of every step; rounds interleave the steps so that drift in machine
+    load hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def ratio_table(times: dict[str, list[float]], reference: str, decimals: int = 2) -> list[str]:
+    """Median, interquartile range and ratio of medians to `reference`, one row per variant."""
+    base = statistics.median(times[reference])
+    rows = [f"| variant | median ms | IQR ms | × {reference} |", "|---|---:|---:|---:|"]
+    for name, samples in times.items():
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        median = statistics.median(samples)
+        rows.append(f"| {name} | {median:.{decimals}f} | {q3 - q1:.{decimals}f} | {median / base:.2f} |")
+    return rows
