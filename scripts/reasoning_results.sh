@@ -6,19 +6,9 @@
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/reasoning_results}
+SHOW="test/(strict|flexible)_match|test/loss "
 mkdir -p "$OUT"
-
-timed() {  # timed NAME COMMAND...: run, keep the full log, print the metrics and the wall time
-  local name=$1 start
-  shift
-  if [ -e "$OUT/$name.done" ]; then return; fi  # finished in an earlier invocation
-  start=$(date +%s)
-  echo "== $name: $*"
-  "$@" >"$OUT/$name.log" 2>&1
-  grep -E "test/(strict|flexible)_match|test/loss " "$OUT/$name.log" || true
-  echo "== $name: $(($(date +%s) - start)) s"
-  touch "$OUT/$name.done"
-}
+source "$(dirname "$0")/timed.sh"
 
 logger() { echo "--trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.version=$1"; }
 
