@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import yaml
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("adapter", help="the saved mixture adapter folder")
     args = parser.parse_args()
 
-    config = yaml.safe_load(open(args.config))
+    config = yaml.safe_load(Path(args.config).read_text())
     data = MathDataModule(**config["data"]["init_args"])
     data.setup()
     model = build_causal_lm(config["model"]["init_args"]["model"], None, 0, torch.float32).eval()

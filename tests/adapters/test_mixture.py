@@ -6,6 +6,7 @@ import torch
 
 from lightning_moe.adapters import (
     AdapterCheckpointError,
+    AdapterConfigError,
     AdapterRule,
     LoraConfig,
     LoraMixtureAdapter,
@@ -256,3 +257,21 @@ def test_gate_label_loss_is_token_cross_entropy_against_the_sequence_label():
     torch.testing.assert_close(gate_label_loss({"layer": record}, labels, mask), expected)
     unlabelled = gate_label_loss({"layer": record}, torch.tensor([-100, -100]), mask)
     assert unlabelled == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"experts": []}, r"needs expert adapter folders, got experts=\[\]"),
+        ({"experts": ["a", "a"]}, r"experts must be distinct folders"),
+        (
+            {"experts": ["a", "b"], "fixed_weights": [1.0]},
+            r"fixed_weights needs one entry per expert \(2\), got 1",
+        ),
+        ({"experts": ["a", "b"], "top_k": 3}, r"top_k must be between 1 and the 2 experts, got top_k=3"),
+        ({"experts": ["a"], "temperature": 0.0}, r"temperature must be > 0"),
+    ],
+)
+def test_bad_mixture_options_are_refused(options, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        XLoraConfig(**options)
