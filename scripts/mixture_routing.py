@@ -3,7 +3,8 @@ X-LoRA / MeteoRA adapter on the test split of a mixture config, as a markdown ta
 
     python scripts/mixture_routing.py configs/mixtures/xlora_smollm2.yaml runs/mixture_results/xlora/fit/adapter
 
-Averaged over every gated layer and every real token (prompt and answer) of each task's problems.
+Averaged over every gated layer and over the answer tokens (the completion the model is trained
+to write) of each task's problems; `--tokens all` averages over prompt and answer tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 
 from lightning_moe.adapters import load_adapter, routing_collector
 from lightning_moe.adapters.files import read_adapter_config
+from lightning_moe.data.collate import IGNORE_INDEX
 from lightning_moe.data.math_problems import MathDataModule
 from lightning_moe.tasks.causal_lm import build_causal_lm
 
@@ -26,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="the mixture config the adapter was trained with")
     parser.add_argument("adapter", help="the saved mixture adapter folder")
+    parser.add_argument("--tokens", choices=["answer", "all"], default="answer")
     args = parser.parse_args()
 
     config = yaml.safe_load(Path(args.config).read_text())
@@ -41,7 +44,10 @@ def main() -> None:
     for batch in data.test_dataloader():
         with routing_collector(model).capture() as records:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        mask = batch["attention_mask"].float()
+        mask = (
+            (batch["labels"] != IGNORE_INDEX) if args.tokens == "answer" else batch["attention_mask"].bool()
+        )
+        mask = mask.float()
         probs = torch.stack([(r.logits / temperature).softmax(-1) for r in records.values()]).mean(0)
         for row, domain in enumerate(batch["domain"]):
             sums[domain] += (probs[row] * mask[row, :, None]).sum(0)

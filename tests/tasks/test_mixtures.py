@@ -49,9 +49,9 @@ def test_meteora_gates_learn_each_task_expert_from_the_label_loss(run):
         for name, record in records.items()
     }
     # a gate reads its layer's input: the first layers see little context (the tiny model's first
-    # q_proj sees only the current byte), so the later gates separate the tasks best
+    # q_proj sees only the current byte), so gates after attention separate the tasks best
     assert sum(accuracy.values()) / len(accuracy) > 0.4
-    assert accuracy["model.layers.1.mlp.down_proj"] > 0.55
+    assert max(accuracy.values()) > 0.6
 
 
 def test_label_loss_without_expert_tasks_fails_before_training(run, tmp_path):
