@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from timing import measure, ratio_table
+from timing import measure, publish, ratio_table
 from torch import nn
 
 from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
@@ -96,11 +96,7 @@ def main() -> None:
         lines += ["", f"## {shape} ({in_features} → {out_features}), {args.dtype}, rank {args.rank}", ""]
         steps = {name: step_fn(model, x.clone().requires_grad_(True)) for name, model in models.items()}
         lines += ratio_table(measure(steps, args.rounds, args.warmup), "peft LoRA")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import peft
 import torch
-from timing import measure, ratio_table
+from timing import measure, publish, ratio_table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -145,11 +145,7 @@ def main() -> None:
         "",
         *ratio_table(inference, "peft LoRA (one)", decimals=0),
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
+    publish(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -31,3 +32,12 @@ def ratio_table(times: dict[str, list[float]], reference: str, decimals: int = 2
         median = statistics.median(samples)
         rows.append(f"| {name} | {median:.{decimals}f} | {q3 - q1:.{decimals}f} | {median / base:.2f} |")
     return rows
+
+
+def publish(lines: list[str], output: Path | None) -> None:
+    """Print the markdown report and, when asked, write it to `output`."""
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report)
