@@ -138,11 +138,19 @@ class AdapterModule(L.LightningModule):
         rank_zero_info(self.injection.summary())
 
     def _find_labelled_gates(self) -> None:
+        expert_tasks = None
         for name, layer in adapted_layers(self.model):
             tasks = getattr(layer.config, "expert_tasks", None)
-            if tasks:
-                self.labelled_gates.add(name)
-                self.expert_of_task = {task: index for index, task in enumerate(tasks)}
+            if not tasks:
+                continue
+            if expert_tasks is not None and tasks != expert_tasks:
+                raise UserInputError(
+                    f"the supervised gate loss needs one task per expert shared by all mixtures; got "
+                    f"expert_tasks {expert_tasks} and {tasks}"
+                )
+            expert_tasks = tasks
+            self.labelled_gates.add(name)
+        self.expert_of_task = {task: index for index, task in enumerate(expert_tasks or [])}
         if not self.labelled_gates:
             raise UserInputError(
                 f"router_loss.label_coef={self.router_loss.label_coef} trains gates towards each sample's task, "

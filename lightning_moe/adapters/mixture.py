@@ -162,23 +162,27 @@ def attach_pretrained_experts(layers: Mapping[str, nn.Module]) -> None:
     """Read each mixture's expert folders once and pack them into its layers.
 
     Refuses, naming the folder: a missing or unreadable folder, an expert made for another base
-    (layer shapes, or our format's base fingerprint), an expert adapting a layer the mixture does
-    not target, a targeted layer no expert adapts, and an expert whose content hash differs from
-    the one recorded in the config (a changed file behind a saved gate). Unset hashes are filled in.
+    (layer shapes, or our format's base fingerprint), an expert adapting a layer that no mixture
+    over it targets, a targeted layer no expert adapts, and an expert whose content hash differs
+    from the one recorded in the config (a changed file behind a saved gate). Unset hashes are
+    filled in. Several mixtures may share experts (e.g. X-LoRA on attention, MeteoRA on the MLP).
     """
     groups: dict[int, tuple[LoraMixtureConfig, list[str]]] = {}
     for name, layer in layers.items():
         if isinstance(layer.adapter, LoraMixtureAdapter):
             groups.setdefault(id(layer.config), (layer.config, []))[1].append(name)
     read: dict[str, PretrainedLora] = {}  # one read per folder, however many mixtures use it
+    mixed_at: dict[str, dict[str, nn.Module]] = {}  # folder -> the layers whose mixtures include it
     for config, names in groups.values():
         for folder in config.experts:
             if folder not in read:
                 read[folder] = read_pretrained_lora(folder)
+            mixed_at.setdefault(folder, {}).update({name: layers[name] for name in names})
+        _check_hashes(config, [read[folder] for folder in config.experts])
+    for folder, expert in read.items():
+        _check_expert_fits(expert, mixed_at[folder])
+    for config, names in groups.values():
         experts = [read[folder] for folder in config.experts]
-        _check_hashes(config, experts)
-        for expert in experts:
-            _check_expert_fits(expert, {name: layers[name] for name in names})
         for name in names:
             if not any(name in expert.factors for expert in experts):
                 raise AdapterCheckpointError(
@@ -204,8 +208,8 @@ def _check_expert_fits(expert: PretrainedLora, layers: Mapping[str, nn.Module]) 
     for module, (lora_A, lora_B) in expert.factors.items():
         if module not in layers:
             raise AdapterCheckpointError(
-                f"expert {expert.folder} adapts {module!r}, which is not among the {len(layers)} layers this "
-                f"mixture adapts (e.g. {next(iter(layers))!r}); target every layer the experts adapt, "
+                f"expert {expert.folder} adapts {module!r}, which is not among the {len(layers)} layers the "
+                f"mixtures over it adapt (e.g. {next(iter(layers))!r}); target every layer the experts adapt, "
                 "or check that the expert was trained on this base model"
             )
         base_layer = layers[module].base_layer

@@ -275,3 +275,20 @@ def test_gate_label_loss_is_token_cross_entropy_against_the_sequence_label():
 def test_bad_mixture_options_are_refused(options, message):
     with pytest.raises(AdapterConfigError, match=message):
         XLoraConfig(**options)
+
+
+def test_two_mixtures_may_share_experts(make_llama, input_ids, peft_experts):
+    folders, peft_models = peft_experts
+    model = make_llama()
+    one_hot = [0.0, 1.0, 0.0]
+    rules = [
+        AdapterRule(
+            targets=["q_proj", "k_proj", "v_proj"],
+            adapter=XLoraConfig(experts=folders, fixed_weights=one_hot),
+        ),
+        AdapterRule(
+            targets=["up_proj", "down_proj"], adapter=MeteoraConfig(experts=folders, fixed_weights=one_hot)
+        ),
+    ]
+    inject(model, rules)
+    torch.testing.assert_close(logits(model, input_ids), logits(peft_models[1], input_ids))

@@ -1,5 +1,6 @@
 """X-LoRA and MeteoRA through the real CLI on a tiny Llama, with tiny expert LoRAs on disk."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,17 @@ def test_gates_train_with_the_router_learning_rate(run):
     assert len(gates) == 2 * 7 * 2  # weight and bias of a linear gate on each of 14 layers
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == gates
     assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_label_loss_needs_one_task_list_for_all_mixtures(run):
+    experts = [f"runs/mixture_results/experts/{task}/adapter" for task in TASKS]
+    rules = [
+        {"targets": targets, "adapter": {"kind": "meteora", "experts": experts, "expert_tasks": tasks}}
+        for targets, tasks in [
+            (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"], TASKS),
+            (["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], TASKS[::-1]),
+        ]
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        run("meteora_smollm2.yaml", "fit", f"--model.init_args.adapters={json.dumps(rules)}")
+    assert "needs one task per expert shared by all mixtures" in str(exit_info.value.code)
