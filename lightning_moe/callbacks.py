@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.adapters.files import CONFIG_FILE
 from lightning_moe.module import AdapterModule
 
 
@@ -33,10 +34,21 @@ class ExportAdapter(L.Callback):
         self.dirpath = dirpath
         self.base_model = base_model
 
+    def _target(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or _run_folder(trainer) / "adapter")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # refuse before training, not after it: the export never replaces an adapter
+        if stage == "fit" and (self._target(trainer) / CONFIG_FILE).exists():
+            raise UserInputError(
+                f"{self._target(trainer)} already holds an adapter; choose another run folder "
+                "(e.g. --trainer.logger.init_args.version) or move the adapter away"
+            )
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, AdapterModule) or not trainer.is_global_zero:
             return
-        folder = Path(self.dirpath or _run_folder(trainer) / "adapter")
+        folder = self._target(trainer)
         pl_module.export_adapter(str(folder), base_model=self.base_model)
         rank_zero_info(f"adapter written to {folder}")
 

@@ -87,6 +87,17 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, monkeypatch, resume_
     )
 
 
+def test_existing_adapter_export_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    export = "--trainer.callbacks=lightning_moe.callbacks.ExportAdapter"
+    fit("run", "--trainer.max_steps=2", "--trainer.logger.init_args.version=same", export)
+    weights = Path("runs/smoke/run/same/adapter/adapter_model.safetensors")
+    before = weights.read_bytes()
+    with pytest.raises(SystemExit, match=r"run/same/adapter already holds an adapter"):
+        fit("run", "--trainer.max_steps=4", "--trainer.logger.init_args.version=same", export)
+    assert weights.read_bytes() == before
+
+
 def test_checkpoint_of_another_base_is_refused_on_resume(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit("base0", "--trainer.max_steps=2")
