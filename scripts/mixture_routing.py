@@ -37,7 +37,6 @@ def main() -> None:
     model = build_causal_lm(config["model"]["init_args"]["model"], None, 0, torch.float32).eval()
     load_adapter(model, args.adapter)
     mixture = read_adapter_config(args.adapter)["rules"][0]["adapter"]
-    temperature = mixture["temperature"]
 
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(len(mixture["experts"])))
     counts: dict[str, float] = defaultdict(float)
@@ -48,7 +47,7 @@ def main() -> None:
             (batch["labels"] != IGNORE_INDEX) if args.tokens == "answer" else batch["attention_mask"].bool()
         )
         mask = mask.float()
-        probs = torch.stack([(r.logits / temperature).softmax(-1) for r in records.values()]).mean(0)
+        probs = torch.stack([r.logits.softmax(-1) for r in records.values()]).mean(0)  # logits are tempered
         for row, domain in enumerate(batch["domain"]):
             sums[domain] += (probs[row] * mask[row, :, None]).sum(0)
             counts[domain] += float(mask[row].sum())

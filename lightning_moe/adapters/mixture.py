@@ -129,12 +129,13 @@ class LoraMixtureAdapter(nn.Module):
         self.expert_A, self.expert_B = stacked_A, stacked_B
 
     def mixing_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x: [N, in] -> (indices [N, k], weights [N, k], gate logits [N, K] or None when fixed)."""
+        """x: [N, in] -> (indices [N, k], weights [N, k], gate logits / temperature [N, K], or None
+        when the weights are fixed)."""
         every_expert = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
         if self.gate is None:
             return every_expert, self.fixed_weights.expand(x.shape[0], -1), None
-        logits = self.gate(x)
-        probs = (logits / self.temperature).softmax(dim=-1)
+        logits = self.gate(x) / self.temperature  # so routing statistics see the distribution used
+        probs = logits.softmax(dim=-1)
         if self.top_k is None:
             return every_expert, probs, logits
         top_probs, indices = probs.topk(self.top_k, dim=-1)

@@ -292,3 +292,15 @@ def test_two_mixtures_may_share_experts(make_llama, input_ids, peft_experts):
     ]
     inject(model, rules)
     torch.testing.assert_close(logits(model, input_ids), logits(peft_models[1], input_ids))
+
+
+def test_temperature_divides_the_gate_logits(make_llama, input_ids, peft_experts, randomize):
+    folders, _ = peft_experts
+    recorded = {}
+    for temperature in (1.0, 0.5):
+        model = mixture(make_llama, XLoraConfig(experts=folders, temperature=temperature))
+        randomize(model, seed=4)
+        with routing_collector(model).capture() as records:
+            model(input_ids)
+        recorded[temperature] = records["model.layers.0.mlp.up_proj"].logits
+    torch.testing.assert_close(recorded[0.5], 2 * recorded[1.0])
