@@ -302,5 +302,5 @@ def test_temperature_divides_the_gate_logits(make_llama, input_ids, peft_experts
         randomize(model, seed=4)
         with routing_collector(model).capture() as records:
             model(input_ids)
-        recorded[temperature] = records["model.layers.0.mlp.up_proj"].logits
+        recorded[temperature] = records["model.layers.0.self_attn.q_proj"].logits  # input before any adapter
     torch.testing.assert_close(recorded[0.5], 2 * recorded[1.0])
