@@ -1,0 +1,120 @@
+"""A LLaVA-style vision-language model assembled from pretrained parts.
+
+vision encoder (a timm model's last feature map, frozen) -> projector (two linears with GELU)
+-> causal LM. The prompt holds one image-token id per visual token (the data side expands the
+`<image>` placeholder); their input embeddings are replaced by the projected image features,
+which therefore enter as prefix embeddings inside the chat template. Nothing in the LM is
+forked: it receives `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.assets import resolve_pretrained
+
+PACKAGED_TIMM_WEIGHTS = {"efficientnet-lite0": "efficientnet_lite0"}
+
+
+def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
+    """A timm model that returns its last feature map [B, C, h, w], frozen and in eval mode.
+
+    "efficientnet-lite0" loads the packaged ImageNet weights; any other timm name loads timm's
+    pretrained weights (hub access needed) or, with `pretrained=False`, random ones (tests).
+    """
+    timm_name = PACKAGED_TIMM_WEIGHTS.get(name, name)
+    try:
+        encoder = timm.create_model(
+            timm_name,
+            pretrained=pretrained and name not in PACKAGED_TIMM_WEIGHTS,
+            num_classes=0,
+            global_pool="",
+        )
+    except RuntimeError as error:  # timm's message for an unknown model name
+        raise UserInputError(f"vision encoder {name!r}: {error}") from None
+    if pretrained and name in PACKAGED_TIMM_WEIGHTS:
+        load_in_order(encoder, resolve_pretrained(name, cache_dir))
+    return encoder.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def load_in_order(model: nn.Module, path: str) -> None:
+    """Load a state dict saved under other key names (EfficientNet-PyTorch's) by pairing tensors in
+    order with the model's own, skipping BatchNorm counters and a classifier the model lacks."""
+    source = [
+        v
+        for k, v in torch.load(path, weights_only=True, map_location="cpu").items()
+        if "num_batches" not in k
+    ]
+    target = [(k, v) for k, v in model.state_dict().items() if "num_batches" not in k]
+    if len(source) < len(target):
+        raise UserInputError(f"{path} holds {len(source)} tensors; the model needs {len(target)}")
+    for (key, tensor), value in zip(target, source, strict=False):
+        if tensor.shape != value.shape:
+            raise UserInputError(
+                f"{path}: tensor for {key!r} has shape {list(value.shape)}, expected {list(tensor.shape)}"
+            )
+        tensor.copy_(value)
+
+
+class ImageProjector(nn.Sequential):
+    """Visual features [.., C] to LM embeddings [.., d]: Linear, GELU, Linear (LLaVA-1.5's mlp2x_gelu)."""
+
+    def __init__(self, vision_features: int, lm_width: int) -> None:
+        super().__init__(nn.Linear(vision_features, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+
+
+class VisionLanguageModel(nn.Module):
+    """Encoder + projector + causal LM; `image_token_id` marks the visual-token slots of a prompt."""
+
+    def __init__(self, vision: nn.Module, language_model: nn.Module, image_token_id: int) -> None:
+        super().__init__()
+        self.vision = vision
+        self.language_model = language_model
+        self.projector = ImageProjector(
+            vision.num_features, language_model.get_input_embeddings().embedding_dim
+        )
+        self.image_token_id = image_token_id
+
+    def image_embeddings(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, h*w, d]: one projected token per feature-map cell."""
+        with torch.no_grad():  # the encoder is frozen
+            features = self.vision.eval()(pixel_values)
+        return self.projector(features.flatten(2).transpose(1, 2))
+
+    def input_embeddings(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """Token embeddings with the image-token slots filled, in order, by the images' tokens."""
+        embeddings = self.language_model.get_input_embeddings()(input_ids)
+        slots = input_ids == self.image_token_id
+        if pixel_values is None or len(pixel_values) == 0:
+            if slots.any():
+                raise UserInputError("the prompt has image-token slots but the batch has no images")
+            return embeddings
+        images = self.image_embeddings(pixel_values)
+        if int(slots.sum()) != images.shape[0] * images.shape[1]:
+            raise UserInputError(
+                f"the batch has {int(slots.sum())} image-token slots for {images.shape[0]} images of "
+                f"{images.shape[1]} tokens each; expand each <image> to {images.shape[1]} slots"
+            )
+        return embeddings.masked_scatter(slots[..., None], images.to(embeddings.dtype))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+    ):
+        embeddings = self.input_embeddings(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, **kwargs
+    ) -> Tensor:
+        """New tokens only (the LM generates from `inputs_embeds`, so it returns no prompt ids)."""
+        embeddings = self.input_embeddings(input_ids, pixel_values)
+        return self.language_model.generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
