@@ -1,0 +1,247 @@
+"""Visual instruction tuning data: LLaVA conversations tokenised with the chat template, images
+as normalised tensors, the `<image>` placeholder expanded to one image-token slot per visual token.
+
+Only the answers (the 'gpt' turns and their end-of-turn tokens) are in the loss; the user turns,
+the template and the image slots are masked. Evaluation batches also carry the prompt alone
+(left-padded, up to the first answer), the reference answer and the domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.assets import default_cache_dir
+from lightning_moe.data.collate import IGNORE_INDEX, pad_rows
+from lightning_moe.data.llava import DOMAINS, IMAGE_TOKEN, VisualConversation, read_llava, write_llava_dataset
+from lightning_moe.data.sampling import resumed_training_sampler
+from lightning_moe.tokenization import load_tokenizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ROLE_NAMES = {"human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class VisualExample:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int]  # up to the first answer, for generation
+    image: Path | None
+    reference: str
+    domain: str
+
+
+def image_tensor(path: Path, size: int) -> torch.Tensor:
+    """An RGB image resized to size×size and normalised with the ImageNet statistics: [3, size, size]."""
+    with Image.open(path) as image:
+        pixels = (
+            np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        )
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+    return (tensor - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def encode_conversation(
+    conversation: VisualConversation,
+    tokenizer: PreTrainedTokenizerBase,
+    image_token_id: int,
+    image_tokens: int,
+) -> VisualExample:
+    """Tokenise turn by turn through the chat template: each piece of rendered text is tokenised
+    on its own, so the answer spans (labelled) and the rest (masked) never share a token."""
+    messages, rendered = [], ""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    prompt_ids: list[int] | None = None
+    for role, text in conversation.turns:
+        messages.append({"role": ROLE_NAMES[role], "content": text})
+        if role == "human":
+            full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            piece_ids = _ids_with_image_slots(full[len(rendered) :], tokenizer, image_token_id, image_tokens)
+            labelled = False
+        else:
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            piece_ids = tokenizer(full[len(rendered) :], add_special_tokens=False).input_ids
+            labelled = True
+        if not full.startswith(rendered):
+            raise UserInputError(
+                f"record {conversation.id!r}: the chat template does not render turn by turn"
+            )
+        rendered = full
+        if labelled and prompt_ids is None:
+            prompt_ids = list(input_ids)
+        input_ids += piece_ids
+        labels += piece_ids if labelled else [IGNORE_INDEX] * len(piece_ids)
+    expected_slots = image_tokens if conversation.image is not None else 0
+    if input_ids.count(image_token_id) != expected_slots:
+        raise UserInputError(
+            f"record {conversation.id!r}: its text contains the image token id {image_token_id} itself; "
+            "choose an image_token that never occurs in the data"
+        )
+    answer = next(text for role, text in conversation.turns if role == "gpt")
+    return VisualExample(
+        input_ids, labels, prompt_ids, conversation.image, answer.strip(), conversation.domain
+    )
+
+
+def _ids_with_image_slots(text: str, tokenizer, image_token_id: int, image_tokens: int) -> list[int]:
+    parts = text.split(IMAGE_TOKEN)
+    ids = tokenizer(parts[0], add_special_tokens=False).input_ids
+    for part in parts[1:]:
+        ids += [image_token_id] * image_tokens + tokenizer(part, add_special_tokens=False).input_ids
+    return ids
+
+
+def collate_visual(
+    examples: list[VisualExample], pad_token_id: int, image_size: int, for_generation: bool
+) -> dict:
+    """Right-padded ids/mask/labels and the images of the examples that have one, in order."""
+    batch = {
+        "input_ids": pad_rows([e.input_ids for e in examples], pad_token_id),
+        "attention_mask": pad_rows([[1] * len(e.input_ids) for e in examples], 0),
+        "labels": pad_rows([e.labels for e in examples], IGNORE_INDEX),
+        "pixel_values": torch.stack(
+            [image_tensor(e.image, image_size) for e in examples if e.image is not None]
+        )
+        if any(e.image is not None for e in examples)
+        else None,
+        "domain": [e.domain for e in examples],
+    }
+    if for_generation:
+        batch["prompt_ids"] = pad_rows([e.prompt_ids for e in examples], pad_token_id, left=True)
+        batch["prompt_mask"] = pad_rows([[1] * len(e.prompt_ids) for e in examples], 0, left=True)
+        batch["reference"] = [e.reference for e in examples]
+    return batch
+
+
+class VisualInstructionDataModule(L.LightningDataModule):
+    """LLaVA-format visual instruction data, from your files or generated from packaged images.
+
+    Without `train_json`, the four-domain dataset of `lightning_moe.data.llava` is generated once
+    (deterministic for its arguments) under `<cache>/datasets/` and reused.
+
+    Args:
+        tokenizer: Asset name, tokenizer folder or hub id (or "bytes" for tiny test models).
+        image_token: A token of the tokenizer's vocabulary (never produced by the text) that marks
+            image slots.
+        image_tokens: Slots per image: the encoder's feature-map cells at `image_size`
+            (EfficientNet-Lite0 at 128 px: 4 × 4 = 16).
+        image_size: Images are resized to image_size × image_size.
+        train_json: LLaVA conversation file for training (with `train_images`).
+        train_images: Image folder the training records' paths are relative to.
+        test_json: LLaVA conversation file for validation, test and predict (with `test_images`).
+        test_images: Image folder of the test records.
+        per_domain: Generated examples per domain in the training split.
+        test_per_domain: Generated examples per domain in the test split.
+        domains: Domains of the generated data.
+        seed: Seed of the generated data.
+        batch_size: Training examples per batch.
+        eval_batch_size: Examples per evaluation batch.
+        cache_dir: Where generated data and converted assets live (see `lightning_moe.assets`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m-instruct",
+        image_token: str = "<|endoftext|>",
+        image_tokens: int = 16,
+        image_size: int = 128,
+        train_json: str | None = None,
+        train_images: str | None = None,
+        test_json: str | None = None,
+        test_images: str | None = None,
+        per_domain: int = 500,
+        test_per_domain: int = 50,
+        domains: list[str] | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for json_file, folder in ((train_json, train_images), (test_json, test_images)):
+            if (json_file is None) != (folder is None):
+                raise UserInputError(
+                    "give a LLaVA json file together with its image folder (train_images/test_images)"
+                )
+        self.tokenizer_name = tokenizer
+        self.image_token = image_token
+        self.image_tokens = image_tokens
+        self.image_size = image_size
+        self.files = {"train": (train_json, train_images), "test": (test_json, test_images)}
+        self.sizes = {"train": per_domain, "test": test_per_domain}
+        self.domains = tuple(domains or DOMAINS)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.cache_dir = cache_dir
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.image_token_id: int | None = None
+        self.splits: dict[str, list[VisualExample]] = {}
+
+    def conversations(self, split: str) -> list[VisualConversation]:
+        json_file, folder = self.files[split]
+        if json_file is None:
+            cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+            name = f"llava-{split}-{'-'.join(self.domains)}-{self.sizes[split]}-seed{self.seed}"
+            folder = cache / "datasets" / name
+            if not folder.exists():
+                write_llava_dataset(folder, split, self.sizes[split], self.domains, self.seed)
+            json_file, folder = folder / "conversations.json", folder / "images"
+        return read_llava(json_file, folder)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name, self.cache_dir)
+        self.image_token_id = self._image_token_id()
+        self.splits = {
+            split: [
+                encode_conversation(c, self.tokenizer, self.image_token_id, self.image_tokens)
+                for c in self.conversations(split)
+            ]
+            for split in ("train", "test")
+        }
+
+    def _image_token_id(self) -> int:
+        token_id = self.tokenizer.get_vocab().get(self.image_token)
+        reserved = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id}
+        if token_id is None or token_id in reserved:
+            raise UserInputError(
+                f"image_token {self.image_token!r} must be a token of the tokenizer's vocabulary other than "
+                f"pad/bos/eos (got id {token_id})"
+            )
+        return token_id
+
+    def _loader(self, split: str) -> DataLoader:
+        examples = self.splits[split]
+        training = split == "train"
+        collate = partial(
+            collate_visual,
+            pad_token_id=self.tokenizer.pad_token_id,
+            image_size=self.image_size,
+            for_generation=not training,
+        )
+        if training:
+            sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size)
+            return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
+        return DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
