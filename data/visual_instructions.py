@@ -145,6 +145,11 @@ class VisualInstructionDataModule(L.LightningDataModule):
         test_per_domain: Generated examples per domain in the test split.
         domains: Domains of the generated data.
         seed: Seed of the generated data.
+        predict_image: An image file for `predict` to answer `predict_question` about (default:
+            predict runs over the test split).
+        predict_question: The question about `predict_image`.
+        fashion_root: A Fashion-MNIST folder for the generated "fashion" domain (default: fetched
+            once from the Debian package into the cache).
         batch_size: Training examples per batch.
         eval_batch_size: Examples per evaluation batch.
         cache_dir: Where generated data and converted assets live (see `lightning_moe.assets`).
@@ -164,6 +169,9 @@ class VisualInstructionDataModule(L.LightningDataModule):
         test_per_domain: int = 50,
         domains: list[str] | None = None,
         seed: int = 0,
+        predict_image: str | None = None,
+        predict_question: str = "What is shown in the image?",
+        fashion_root: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
         cache_dir: str | None = None,
@@ -182,6 +190,11 @@ class VisualInstructionDataModule(L.LightningDataModule):
         self.sizes = {"train": per_domain, "test": test_per_domain}
         self.domains = tuple(domains or DOMAINS)
         self.seed = seed
+        self.fashion_root = fashion_root
+        if predict_image is not None and not Path(predict_image).is_file():
+            raise UserInputError(f"predict_image {predict_image} does not exist")
+        self.predict_image = predict_image
+        self.predict_question = predict_question
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.cache_dir = cache_dir
@@ -196,7 +209,9 @@ class VisualInstructionDataModule(L.LightningDataModule):
             name = f"llava-{split}-{'-'.join(self.domains)}-{self.sizes[split]}-seed{self.seed}"
             folder = cache / "datasets" / name
             if not folder.exists():
-                write_llava_dataset(folder, split, self.sizes[split], self.domains, self.seed)
+                write_llava_dataset(
+                    folder, split, self.sizes[split], self.domains, self.seed, self.fashion_root
+                )
             json_file, folder = folder / "conversations.json", folder / "images"
         return read_llava(json_file, folder)
 
@@ -224,7 +239,7 @@ class VisualInstructionDataModule(L.LightningDataModule):
         return token_id
 
     def _loader(self, split: str) -> DataLoader:
-        examples = self.splits[split]
+        examples = self.splits[split] if split != "predict" else self._predict_examples()
         training = split == "train"
         collate = partial(
             collate_visual,
@@ -245,3 +260,16 @@ class VisualInstructionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def _predict_examples(self) -> list[VisualExample]:
+        if self.predict_image is None:
+            return self.splits["test"]
+        question = VisualConversation(
+            "predict",
+            Path(self.predict_image),
+            [("human", f"{IMAGE_TOKEN}\n{self.predict_question}"), ("gpt", "")],
+        )
+        return [encode_conversation(question, self.tokenizer, self.image_token_id, self.image_tokens)]

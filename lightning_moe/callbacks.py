@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_moe.adapters.errors import UserInputError
-from lightning_moe.adapters.files import CONFIG_FILE
 from lightning_moe.module import AdapterModule
 
 
@@ -39,9 +38,10 @@ class ExportAdapter(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # refuse before training, not after it: the export never replaces an adapter
-        if stage == "fit" and (self._target(trainer) / CONFIG_FILE).exists():
+        target = self._target(trainer)
+        if stage == "fit" and target.is_dir() and any(target.iterdir()):
             raise UserInputError(
-                f"{self._target(trainer)} already holds an adapter; choose another run folder "
+                f"{target} already holds an adapter; choose another run folder "
                 "(e.g. --trainer.logger.init_args.version) or move the adapter away"
             )
 

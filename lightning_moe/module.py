@@ -64,7 +64,7 @@ class AdapterModule(L.LightningModule):
     """Base task: subclasses implement `build_model()` and `task_loss(batch)`.
 
     Args:
-        adapters: Injection rules: which modules get which adapter (LoRA, MoE, ...).
+        adapters: Injection rules: which modules get which adapter (LoRA, MoE, ...); [] for none.
         adapter_path: A saved adapter folder to start from instead of fresh adapters from `adapters`.
         router_loss: Auxiliary router losses.
         optimizer: Optimizer factory, called with parameter groups ("adapters", "routers", "extra").
@@ -88,9 +88,10 @@ class AdapterModule(L.LightningModule):
         routing_log_every_n_steps: int = 25,
     ) -> None:
         super().__init__()
-        if not adapters and not adapter_path:
+        if adapters is None and not adapter_path:
             raise UserInputError(
-                "give `adapters` (injection rules) or `adapter_path` (a saved adapter folder)"
+                "give `adapters` (injection rules; [] for none, e.g. to train only a projector) "
+                "or `adapter_path` (a saved adapter folder)"
             )
         self.adapter_rules = list(adapters or [])
         self.adapter_path = adapter_path

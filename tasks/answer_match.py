@@ -45,28 +45,54 @@ def answers_match(predicted: str | None, reference: str) -> bool:
         return predicted == reference
 
 
-class AnswerMatch(Metric):
+class MatchRate(Metric):
+    """Fraction of generations that `matches` their reference; subclasses define the match."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+
+    def matches(self, output: str, reference: str) -> bool:
+        raise NotImplementedError
+
+    def update(self, outputs: Sequence[str], references: Sequence[str]) -> None:
+        self.correct += sum(self.matches(out, ref) for out, ref in zip(outputs, references, strict=True))
+        self.total += len(outputs)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+class AnswerMatch(MatchRate):
     """Fraction of generations whose extracted answer equals the reference answer.
 
     Args:
         extraction: "strict" (number after `#### `) or "flexible" (last number in the output).
     """
 
-    full_state_update = False
-    higher_is_better = True
-
     def __init__(self, extraction: Extraction = "strict", **kwargs) -> None:
         super().__init__(**kwargs)
         self.extraction = extraction
-        self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, outputs: Sequence[str], references: Sequence[str]) -> None:
-        self.correct += sum(
-            answers_match(extract_answer(out, self.extraction), ref)
-            for out, ref in zip(outputs, references, strict=True)
-        )
-        self.total += len(outputs)
+    def matches(self, output: str, reference: str) -> bool:
+        return answers_match(extract_answer(output, self.extraction), reference)
 
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation at the ends, no leading article, single spaces: 'A Sneaker.' -> 'sneaker'."""
+    words = text.lower().strip().strip(".!?,;:'\"").split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+class NormalizedMatch(MatchRate):
+    """Fraction of generations equal to the reference after `normalize_answer` (short answers such
+    as 'sneaker', 'local defect' or '7')."""
+
+    def matches(self, output: str, reference: str) -> bool:
+        return normalize_answer(output) == normalize_answer(reference)

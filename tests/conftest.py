@@ -37,7 +37,29 @@ REASONING_OVERRIDES = [
 ]
 # Config folders whose real model is too big for a test: their test runs swap in a tiny random
 # model, the in-code byte tokenizer and small data with these overrides.
-TINY_RUN_OVERRIDES = {"reasoning": REASONING_OVERRIDES, "mixtures": REASONING_OVERRIDES}
+MULTIMODAL_OVERRIDES = [
+    "--model.init_args.language_model=null",
+    "--model.init_args.language_model_config=" + json.dumps(TINY_REASONING_LLAMA),
+    "--model.init_args.vision_encoder=test_efficientnet",
+    "--model.init_args.pretrained_vision=false",
+    "--model.init_args.projector_path=null",
+    "--model.init_args.max_new_tokens=4",
+    "--data.init_args.tokenizer=bytes",
+    "--data.init_args.image_token=\u0100",  # the byte tokenizer's symbol for byte 0
+    "--data.init_args.image_tokens=4",  # test_efficientnet at 64 px: a 2 x 2 feature map
+    "--data.init_args.image_size=64",
+    "--data.init_args.domains=[digits, grid, textile]",  # no Fashion-MNIST download in tests
+    "--data.init_args.per_domain=4",
+    "--data.init_args.test_per_domain=2",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.eval_batch_size=3",
+    "--data.init_args.cache_dir=cache",
+]
+TINY_RUN_OVERRIDES = {
+    "reasoning": REASONING_OVERRIDES,
+    "mixtures": REASONING_OVERRIDES,
+    "multimodal": MULTIMODAL_OVERRIDES,
+}
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

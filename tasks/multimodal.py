@@ -1,0 +1,198 @@
+"""Visual instruction tuning (LLaVA recipe) with plain LoRA or MoLE in the language model.
+
+Stage "align" (`adapters: []`): only the projector trains, the LM and the vision encoder stay
+frozen. Stage "instruct": adapters (LoRA, or MoLE's top-1 experts on the MLP plus LoRA on
+attention) train together with the projector, which keeps its own learning rate (`extra_lr`).
+Lightning checkpoints hold projector + adapters + routers; the exported adapter folder holds the
+adapters and `projector.safetensors`. Evaluation generates answers greedily and scores them per
+domain (normalised exact match); at test time TensorBoard also gets which experts each domain's
+tokens went to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.module import AdapterModule
+from lightning_moe.routing_logging import DomainRouting
+from lightning_moe.tasks.answer_match import NormalizedMatch, normalize_answer
+from lightning_moe.tasks.causal_lm import build_causal_lm
+from lightning_moe.vision_language import VisionLanguageModel, build_vision_encoder
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class VisualInstructionTask(AdapterModule):
+    """A LLaVA-style model (vision encoder -> projector -> causal LM) tuned on visual instructions.
+
+    The data module provides the tokenizer, `image_token_id` and `domains`
+    (see `VisualInstructionDataModule`).
+
+    Args:
+        language_model: A packaged asset name, folder or hub id of a causal LM.
+        language_model_config: Instead: a config dict (with `model_type`) for a random tiny LM.
+        vision_encoder: "efficientnet-lite0" (packaged weights) or any timm model name.
+        pretrained_vision: Load the encoder's pretrained weights (False: random, for tests).
+        projector_path: A trained projector (`projector.safetensors`, e.g. from the align stage) to
+            start from; by default the one inside `adapter_path`, if there is one.
+        max_new_tokens: Generation budget per answer.
+        model_seed: Seed of a `language_model_config` model and of the projector's initialisation.
+        cache_dir: Where converted packaged assets are cached.
+        **kwargs: Adapter and optimisation settings of `AdapterModule`.
+    """
+
+    def __init__(
+        self,
+        language_model: str | None = "smollm2-135m-instruct",
+        language_model_config: dict[str, Any] | None = None,
+        vision_encoder: str = "efficientnet-lite0",
+        pretrained_vision: bool = True,
+        projector_path: str | None = None,
+        max_new_tokens: int = 8,
+        model_seed: int = 0,
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if language_model_config is not None:
+            language_model = None
+        self.language_model_name = language_model
+        self.language_model_config = language_model_config
+        self.vision_encoder_name = vision_encoder
+        self.pretrained_vision = pretrained_vision
+        self.projector_path = projector_path
+        self.max_new_tokens = max_new_tokens
+        self.model_seed = model_seed
+        self.cache_dir = cache_dir
+        self.answer_metrics = nn.ModuleDict()
+        self.domain_routing = DomainRouting()
+
+    # --- model --------------------------------------------------------------------------------
+    @property
+    def datamodule(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "image_token_id", None) is None:
+            raise UserInputError(
+                "VisualInstructionTask needs a data module with `tokenizer`, `image_token_id` and `domains` "
+                "(e.g. VisualInstructionDataModule)"
+            )
+        return datamodule
+
+    def build_model(self) -> nn.Module:
+        language_model = build_causal_lm(
+            self.language_model_name,
+            self.language_model_config,
+            self.model_seed,
+            torch.float32,
+            self.cache_dir,
+        )
+        vision = build_vision_encoder(self.vision_encoder_name, self.pretrained_vision, self.cache_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.model_seed)  # the same projector start in every run of a seed
+            model = VisionLanguageModel(vision, language_model, self.datamodule.image_token_id)
+        source = self.projector_path or self._projector_in_adapter_path()
+        if source:
+            _load_projector(model.projector, source)
+        return model
+
+    def _projector_in_adapter_path(self) -> str | None:
+        if self.adapter_path and (Path(self.adapter_path) / PROJECTOR_FILE).is_file():
+            return str(Path(self.adapter_path) / PROJECTOR_FILE)
+        return None
+
+    def extra_trainable_modules(self) -> dict[str, nn.Module]:
+        return {"model.projector": self.model.projector} if self.model is not None else {}
+
+    def export_adapter(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
+        target = Path(folder) / PROJECTOR_FILE
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        if self.adapter_rules or self.adapter_path:
+            super().export_adapter(folder, base_model, overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.model.projector.state_dict().items()}, str(target)
+        )
+
+    # --- steps ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        for domain in self.datamodule.domains:
+            if domain not in self.answer_metrics:
+                self.answer_metrics[domain] = NormalizedMatch()
+
+    def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        output = self.model(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+        )
+        return output.loss, batch["attention_mask"]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.datamodule.tokenizer
+
+    def generate(self, batch: dict) -> list[str]:
+        tokenizer = self.tokenizer
+        settings = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        tokens = self.model.generate(
+            batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], generation_config=settings
+        )
+        return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def _score(self, batch: dict, stage: str) -> None:
+        outputs = self.generate(batch)
+        for domain in set(batch["domain"]):
+            rows = [i for i, d in enumerate(batch["domain"]) if d == domain]
+            metric = self.answer_metrics[domain]
+            metric.update([outputs[i] for i in rows], [batch["reference"][i] for i in rows])
+            self.log(f"{stage}/accuracy/{domain}", metric, on_step=False, on_epoch=True, batch_size=len(rows))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = super().validation_step(batch, batch_idx)
+        self._score(batch, "val")
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = super().test_step(batch, batch_idx)
+        # the collector keeps what the loss pass just captured
+        self.domain_routing.update(self.injection.collector.records, batch["attention_mask"], batch["domain"])
+        self._score(batch, "test")
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        self.domain_routing.log(self, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        records = []
+        for domain, reference, output in zip(
+            batch["domain"], batch["reference"], self.generate(batch), strict=True
+        ):
+            record = {"domain": domain, "reference": reference, "generation": output}
+            if reference:
+                record["correct"] = normalize_answer(output) == normalize_answer(reference)
+            records.append(record)
+        return records
+
+
+def _load_projector(projector: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise UserInputError(f"projector file {path} does not exist")
+    state = load_file(path)
+    expected = projector.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        raise UserInputError(
+            f"{path} does not fit this projector: it has {sorted((k, list(v.shape)) for k, v in state.items())[:2]}..., "
+            f"the model needs {sorted((k, list(v.shape)) for k, v in expected.items())[:2]}..."
+        )
+    projector.load_state_dict(state)
