@@ -41,7 +41,7 @@ class VisualInstructionTask(AdapterModule):
         vision_encoder: "efficientnet-lite0" (packaged weights) or any timm model name.
         pretrained_vision: Load the encoder's pretrained weights (False: random, for tests).
         projector_path: A trained projector (`projector.safetensors`, e.g. from the align stage) to
-            start from; by default the one inside `adapter_path`, if there is one.
+            start from. A `projector.safetensors` inside `adapter_path` takes precedence.
         max_new_tokens: Generation budget per answer.
         model_seed: Seed of a `language_model_config` model and of the projector's initialisation.
         cache_dir: Where converted packaged assets are cached.
@@ -97,7 +97,8 @@ class VisualInstructionTask(AdapterModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.model_seed)  # the same projector start in every run of a seed
             model = VisionLanguageModel(vision, language_model, self.datamodule.image_token_id)
-        source = self.projector_path or self._projector_in_adapter_path()
+        # a saved adapter folder carries the projector trained with it, which wins over the start point
+        source = self._projector_in_adapter_path() or self.projector_path
         if source:
             _load_projector(model.projector, source)
         return model

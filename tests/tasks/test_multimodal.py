@@ -89,6 +89,7 @@ def test_predict_answers_a_question_about_an_image_file(run, tmp_path):
         "lora_smollm2.yaml",
         "predict",
         f"--model.init_args.adapter_path={adapter}",
+        f"--model.init_args.projector_path={tmp_path / 'nowhere.safetensors'}",  # the adapter's own wins
         f"--data.init_args.predict_image={image}",
         "--data.init_args.predict_question=What colour is this?",
         "--trainer.callbacks=[{class_path: lightning_moe.callbacks.JsonlPredictionWriter, init_args: {path: answer.jsonl}}]",
