@@ -101,3 +101,19 @@ def test_predict_answers_a_question_about_an_image_file(run, tmp_path):
         assert torch.equal(first.model.model.projector.state_dict()[key], value)
     with pytest.raises(SystemExit, match="predict_image .*missing.png does not exist"):
         run("lora_smollm2.yaml", "predict", f"--data.init_args.predict_image={tmp_path / 'missing.png'}")
+
+
+def test_fit_resumes_from_its_checkpoint(run, tmp_path):
+    checkpoint_every_step = (
+        "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+        "init_args: {every_n_train_steps: 1, save_top_k: -1}}]"
+    )
+    run("mole_smollm2.yaml", "fit", "--trainer.max_steps=2", checkpoint_every_step)
+    (step2,) = tmp_path.rglob("*step=2.ckpt")
+    resumed = run(
+        "mole_smollm2.yaml", "fit", "--trainer.max_steps=3", f"--ckpt_path={step2}", checkpoint_every_step
+    )
+    assert resumed.trainer.global_step == 3
+    saved = torch.load(step2, weights_only=True)["state_dict"]
+    projector = {k: v for k, v in saved.items() if ".projector." in k}
+    assert projector and any(not torch.equal(resumed.model.state_dict()[k], v) for k, v in projector.items())
