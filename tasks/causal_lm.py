@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.assets import resolve_pretrained
@@ -35,6 +35,16 @@ def build_causal_lm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same config always gives the same base weights
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=dtype)
+
+
+def greedy_generation(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding settings that stop at the tokenizer's end of turn and pad with its pad token."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 class CausalLMTask(AdapterModule):

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.module import AdapterModule
 from lightning_moe.routing_logging import DomainRouting
 from lightning_moe.tasks.answer_match import NormalizedMatch, normalize_answer
-from lightning_moe.tasks.causal_lm import build_causal_lm
+from lightning_moe.tasks.causal_lm import build_causal_lm, greedy_generation
 from lightning_moe.vision_language import VisionLanguageModel, build_vision_encoder
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -140,12 +140,7 @@ class VisualInstructionTask(AdapterModule):
 
     def generate(self, batch: dict) -> list[str]:
         tokenizer = self.tokenizer
-        settings = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        settings = greedy_generation(tokenizer, self.max_new_tokens)
         tokens = self.model.generate(
             batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], generation_config=settings
         )

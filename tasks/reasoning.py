@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.tasks.answer_match import AnswerMatch, answers_match, extract_answer
-from lightning_moe.tasks.causal_lm import CausalLMTask
+from lightning_moe.tasks.causal_lm import CausalLMTask, greedy_generation
 
 EXTRACTIONS = ("strict", "flexible")
 
@@ -52,12 +52,7 @@ class ReasoningTask(CausalLMTask):
     def generate(self, batch: dict) -> list[str]:
         """Greedy completions of the batch's left-padded prompts, decoded without special tokens."""
         tokenizer = self.tokenizer
-        settings = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        settings = greedy_generation(tokenizer, self.max_new_tokens)
         prompts = batch["prompt_ids"]
         tokens = self.model.generate(
             input_ids=prompts, attention_mask=batch["prompt_mask"], generation_config=settings

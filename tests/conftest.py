@@ -120,3 +120,17 @@ def tiny_run_overrides():
 def tiny_experts():
     """write(folders): tiny random LoRA experts that fit the tiny reasoning Llama."""
     return write_tiny_experts
+
+
+@pytest.fixture
+def run_config(tmp_path, monkeypatch, tiny_run_overrides):
+    """run_config(config, subcommand, *args): the CLI on a config with its tiny-model overrides,
+    in a temporary working directory."""
+    from lightning_moe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(config: Path, subcommand: str, *args: str):
+        return main([subcommand, "--config", str(config), *tiny_run_overrides(config), *args])
+
+    return run

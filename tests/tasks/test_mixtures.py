@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lightning_moe.adapters import LoraMixtureAdapter, adapted_layers, routing_collector
-from lightning_moe.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs/mixtures"
@@ -15,15 +14,9 @@ TASKS = ["chain_sum", "letter_counting", "count_bits", "leg_counting"]
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch, tiny_run_overrides):
+def run(run_config):
     """run(config name, subcommand, *args): the CLI on a mixture config with a tiny model and experts."""
-    monkeypatch.chdir(tmp_path)
-
-    def run_cli(name: str, subcommand: str, *args: str):
-        config = CONFIGS / name
-        return main([subcommand, "--config", str(config), *tiny_run_overrides(config), *args])
-
-    return run_cli
+    return lambda name, subcommand, *args: run_config(CONFIGS / name, subcommand, *args)
 
 
 def test_meteora_gates_learn_each_task_expert_from_the_label_loss(run):

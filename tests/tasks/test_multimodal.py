@@ -9,22 +9,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_moe.cli import main
-
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs/multimodal"
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch, tiny_run_overrides):
+def run(run_config):
     """run(config name, subcommand, *args): the CLI on a multimodal config with tiny parts."""
-    monkeypatch.chdir(tmp_path)
-
-    def run_cli(name: str, subcommand: str, *args: str):
-        config = CONFIGS / name
-        return main([subcommand, "--config", str(config), *tiny_run_overrides(config), *args])
-
-    return run_cli
+    return lambda name, subcommand, *args: run_config(CONFIGS / name, subcommand, *args)
 
 
 def test_align_then_instruct_with_complete_checkpoints(run, tmp_path):
