@@ -25,3 +25,10 @@ for seed in 0 1; do
       --model.init_args.adapter_path="$OUT/$run/seed$seed/adapter"
   done
 done
+
+echo "== per-domain accuracy (%), mean over seeds (each seed)"
+rows=()
+for run in lora mole lora2x; do rows+=("$run=$OUT/$run/seed0-test,$OUT/$run/seed1-test"); done
+$PY scripts/test_metrics_table.py "${rows[@]}"
+echo "== MoLE: share of each domain's routed tokens per expert (%), seed 0"
+$PY scripts/test_metrics_table.py --prefix test/expert_share/ "mole=$OUT/mole/seed0-test"

@@ -1,0 +1,48 @@
+"""A markdown table of test metrics read from TensorBoard runs: one row per NAME, the mean over
+its runs (seeds) with each run's value in brackets, one column per metric under a prefix.
+
+    python scripts/test_metrics_table.py --prefix test/accuracy/ \\
+        LoRA=runs/multimodal/lora/seed0-test,runs/multimodal/lora/seed1-test MoLE=...
+"""
+
+from __future__ import annotations
+
+import argparse
+from statistics import mean
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def last_scalars(run_dir: str, prefix: str) -> dict[str, float]:
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {
+        tag.removeprefix(prefix): events.Scalars(tag)[-1].value
+        for tag in events.Tags()["scalars"]
+        if tag.startswith(prefix)
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", nargs="+", help="NAME=run_dir[,run_dir...]")
+    parser.add_argument("--prefix", default="test/accuracy/")
+    args = parser.parse_args()
+    table = {}
+    for row in args.rows:
+        name, _, dirs = row.partition("=")
+        table[name] = [last_scalars(d, args.prefix) for d in dirs.split(",")]
+    columns = sorted(next(iter(table.values()))[0])
+    print("| model | " + " | ".join(columns) + " | mean |")
+    print("|---|" + "---:|" * (len(columns) + 1))
+    for name, runs in table.items():
+        cells = []
+        for column in columns + ["mean"]:
+            values = [mean(run.values()) if column == "mean" else run[column] for run in runs]
+            each = ", ".join(f"{100 * v:.0f}" for v in values)
+            cells.append(f"{100 * mean(values):.1f} ({each})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
