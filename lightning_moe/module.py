@@ -137,6 +137,14 @@ class AdapterModule(L.LightningModule):
         if self.compile_model:
             self.model.compile()
         rank_zero_info(self.injection.summary())
+        extra = {
+            name: sum(p.numel() for p in m.parameters()) for name, m in self.extra_trainable_modules().items()
+        }
+        if extra:
+            rank_zero_info(
+                "also training "
+                + ", ".join(f"{name} ({count:,} parameters)" for name, count in extra.items())
+            )
 
     def _find_labelled_gates(self) -> None:
         expert_tasks = None
