@@ -1,6 +1,7 @@
 """A LLaVA-style vision-language model assembled from pretrained parts.
 
-vision encoder (a timm model's last feature map, frozen) -> projector (two linears with GELU)
+vision encoder (frozen; a timm model's last feature map, or a transformers / open_clip
+vision transformer's tokens) -> projector (two linears with GELU)
 -> causal LM. The prompt holds one image-token id per visual token (the data side expands the
 `<image>` placeholder); their input embeddings are replaced by the projected image features,
 which therefore enter as prefix embeddings inside the chat template. Nothing in the LM is
@@ -19,25 +20,66 @@ from lightning_moe.assets import resolve_pretrained
 PACKAGED_TIMM_WEIGHTS = {"efficientnet-lite0": "efficientnet_lite0"}
 
 
-def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
-    """A timm model that returns its last feature map [B, C, h, w], frozen and in eval mode.
+class VisionTokens(nn.Module):
+    """Any supported encoder as images [B, 3, H, W] -> visual tokens [B, N, num_features]:
+    a feature map's cells (timm, convolutional transformers models) or a transformer's tokens."""
 
-    "efficientnet-lite0" loads the packaged ImageNet weights; any other timm name loads timm's
-    pretrained weights (hub access needed) or, with `pretrained=False`, random ones (tests).
+    def __init__(self, encoder: nn.Module, num_features: int, kind: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_features = num_features
+        self.kind = kind
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        if self.kind == "open_clip":
+            return self.encoder(pixel_values)[1]  # (pooled, tokens) with output_tokens set
+        features = self.encoder(pixel_values)
+        if self.kind == "transformers":
+            features = features.last_hidden_state
+        return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
+
+
+def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | None = None) -> VisionTokens:
+    """A frozen vision encoder in eval mode that returns visual tokens.
+
+    - "efficientnet-lite0": timm's model with the packaged ImageNet weights;
+    - any other timm name: timm's pretrained weights (hub access), or random with `pretrained=False`;
+    - "hf:<folder or hub id>": a transformers vision model (ViT, CLIP vision, DINOv2, ConvNeXt, ...);
+    - "open_clip:<model>[/<pretrained tag>]": an open_clip model's image tower (its patch tokens).
     """
-    timm_name = PACKAGED_TIMM_WEIGHTS.get(name, name)
-    try:
-        encoder = timm.create_model(
-            timm_name,
-            pretrained=pretrained and name not in PACKAGED_TIMM_WEIGHTS,
-            num_classes=0,
-            global_pool="",
-        )
-    except RuntimeError as error:  # timm's message for an unknown model name
-        raise UserInputError(f"vision encoder {name!r}: {error}") from None
-    if pretrained and name in PACKAGED_TIMM_WEIGHTS:
-        load_in_order(encoder, resolve_pretrained(name, cache_dir))
-    return encoder.requires_grad_(False).eval()
+    if name.startswith("hf:"):
+        from transformers import AutoModel
+
+        encoder = AutoModel.from_pretrained(resolve_pretrained(name.removeprefix("hf:"), cache_dir))
+        config = encoder.config
+        width = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
+        tokens = VisionTokens(encoder, width, "transformers")
+    elif name.startswith("open_clip:"):
+        import open_clip
+
+        model_name, _, tag = name.removeprefix("open_clip:").partition("/")
+        visual = open_clip.create_model(model_name, pretrained=(tag or None) if pretrained else None).visual
+        if not hasattr(visual, "transformer"):
+            raise UserInputError(
+                f"vision encoder {name!r}: only open_clip ViT image towers give patch tokens"
+            )
+        visual.output_tokens = True
+        tokens = VisionTokens(visual, visual.transformer.width, "open_clip")
+    else:
+        timm_name = PACKAGED_TIMM_WEIGHTS.get(name, name)
+        try:
+            encoder = timm.create_model(
+                timm_name,
+                pretrained=pretrained and name not in PACKAGED_TIMM_WEIGHTS,
+                num_classes=0,
+                global_pool="",
+            )
+        except RuntimeError as error:  # timm's message for an unknown model name
+            raise UserInputError(f"vision encoder {name!r}: {error}") from None
+        if pretrained and name in PACKAGED_TIMM_WEIGHTS:
+            load_in_order(encoder, resolve_pretrained(name, cache_dir))
+        tokens = VisionTokens(encoder, encoder.num_features, "timm")
+    return tokens.requires_grad_(False).eval()
 
 
 @torch.no_grad()
@@ -80,10 +122,10 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:
-        """[B, 3, H, W] -> [B, h*w, d]: one projected token per feature-map cell."""
+        """[B, 3, H, W] -> [B, N, d]: one projected token per visual token."""
         with torch.no_grad():  # the encoder is frozen
-            features = self.vision.eval()(pixel_values)
-        return self.projector(features.flatten(2).transpose(1, 2))
+            tokens = self.vision.eval()(pixel_values)
+        return self.projector(tokens)
 
     def input_embeddings(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
         """Token embeddings with the image-token slots filled, in order, by the images' tokens."""

@@ -22,10 +22,10 @@ def tiny_vlm(tiny_llama_config) -> VisionLanguageModel:
 def test_packaged_efficientnet_weights_load_in_order():
     encoder = build_vision_encoder("efficientnet-lite0")
     source = torch.load(resolve_pretrained("efficientnet-lite0"), weights_only=True)
-    assert torch.equal(encoder.conv_stem.weight, source["_conv_stem.weight"])
-    assert torch.equal(encoder.bn2.running_var, source["_bn1.running_var"])
+    assert torch.equal(encoder.encoder.conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(encoder.encoder.bn2.running_var, source["_bn1.running_var"])
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
-    assert encoder(torch.zeros(1, 3, 128, 128)).shape == (1, 1280, 4, 4)
+    assert encoder(torch.zeros(1, 3, 128, 128)).shape == (1, 16, 1280)  # a 4 x 4 map's cells
 
 
 def test_image_tokens_replace_the_slots_in_order(tiny_vlm):
@@ -64,3 +64,24 @@ def test_slot_count_must_match_the_images(tiny_vlm):
     torch.testing.assert_close(
         tiny_vlm(text_only).logits, tiny_vlm.language_model(input_ids=text_only).logits
     )
+
+
+def test_transformers_and_open_clip_encoders_give_tokens(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    vit = build_vision_encoder(f"hf:{tmp_path / 'vit'}")
+    assert vit.num_features == 32 and vit(torch.zeros(2, 3, 32, 32)).shape == (2, 17, 32)
+    clip = build_vision_encoder("open_clip:ViT-B-32", pretrained=False)
+    assert clip.num_features == 768 and clip(torch.zeros(1, 3, 224, 224)).shape == (1, 49, 768)
+    assert not any(p.requires_grad for p in clip.parameters())
+    with pytest.raises(UserInputError, match="open_clip ViT image towers"):
+        build_vision_encoder("open_clip:RN50", pretrained=False)
