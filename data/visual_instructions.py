@@ -39,6 +39,7 @@ class VisualExample:
     image: Path | None
     reference: str
     domain: str
+    question: str  # the first user turn, placeholder removed
 
 
 def image_tensor(path: Path, size: int) -> torch.Tensor:
@@ -89,8 +90,9 @@ def encode_conversation(
             "choose an image_token that never occurs in the data"
         )
     answer = next(text for role, text in conversation.turns if role == "gpt")
+    question = conversation.turns[0][1].replace(IMAGE_TOKEN, "").strip()
     return VisualExample(
-        input_ids, labels, prompt_ids, conversation.image, answer.strip(), conversation.domain
+        input_ids, labels, prompt_ids, conversation.image, answer.strip(), conversation.domain, question
     )
 
 
@@ -121,6 +123,7 @@ def collate_visual(
         batch["prompt_ids"] = pad_rows([e.prompt_ids for e in examples], pad_token_id, left=True)
         batch["prompt_mask"] = pad_rows([[1] * len(e.prompt_ids) for e in examples], 0, left=True)
         batch["reference"] = [e.reference for e in examples]
+        batch["question"] = [e.question for e in examples]
     return batch
 
 

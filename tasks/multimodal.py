@@ -171,10 +171,10 @@ class VisualInstructionTask(AdapterModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         records = []
-        for domain, reference, output in zip(
-            batch["domain"], batch["reference"], self.generate(batch), strict=True
+        for domain, question, reference, output in zip(
+            batch["domain"], batch["question"], batch["reference"], self.generate(batch), strict=True
         ):
-            record = {"domain": domain, "reference": reference, "generation": output}
+            record = {"domain": domain, "question": question, "reference": reference, "generation": output}
             if reference:
                 record["correct"] = normalize_answer(output) == normalize_answer(reference)
             records.append(record)

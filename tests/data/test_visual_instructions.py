@@ -68,6 +68,7 @@ def test_placeholder_becomes_slots_and_only_answers_are_labelled(tmp_path):
     assert batch["pixel_values"].shape == (2, 3, 8, 8)
     assert batch["pixel_values"][0].mean() < batch["pixel_values"][1].mean()  # dark, then light
     assert batch["reference"] == ["dark", "light"] and batch["domain"] == ["shade", "shade"]
+    assert batch["question"] == ["How dark?", "Look:  ok?"]
     assert (batch["prompt_mask"][:, -1] == 1).all(), "prompts are left-padded"
 
 

@@ -87,7 +87,8 @@ def test_predict_answers_a_question_about_an_image_file(run, tmp_path):
         "--trainer.callbacks=[{class_path: lightning_moe.callbacks.JsonlPredictionWriter, init_args: {path: answer.jsonl}}]",
     )
     (record,) = [json.loads(line) for line in Path("answer.jsonl").read_text().splitlines()]
-    assert set(record) == {"domain", "reference", "generation"} and isinstance(record["generation"], str)
+    assert set(record) == {"domain", "question", "reference", "generation"}
+    assert record["question"] == "What colour is this?" and isinstance(record["generation"], str)
     projector = load_file(adapter / "projector.safetensors")
     for key, value in projector.items():
         assert torch.equal(first.model.model.projector.state_dict()[key], value)
