@@ -1,5 +1,5 @@
 """Visual instruction tuning data: LLaVA conversations tokenised with the chat template, images
-as normalised tensors, the `<image>` placeholder expanded to one image-token slot per visual token.
+as [0, 1] tensors, the `<image>` placeholder expanded to one image-token slot per visual token.
 
 Only the answers (the 'gpt' turns and their end-of-turn tokens) are in the loss; the user turns,
 the template and the image slots are masked. Evaluation batches also carry the prompt alone
@@ -26,8 +26,6 @@ from lightning_moe.data.llava import DOMAINS, IMAGE_TOKEN, VisualConversation, r
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.tokenization import load_tokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ROLE_NAMES = {"human": "user", "gpt": "assistant"}
 
 
@@ -43,13 +41,12 @@ class VisualExample:
 
 
 def image_tensor(path: Path, size: int) -> torch.Tensor:
-    """An RGB image resized to size×size and normalised with the ImageNet statistics: [3, size, size]."""
+    """An RGB image resized to size×size, values in [0, 1]: [3, size, size] (the encoder normalises)."""
     with Image.open(path) as image:
         pixels = (
             np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
         )
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1)
-    return (tensor - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def encode_conversation(

@@ -20,17 +20,35 @@ from lightning_moe.assets import resolve_pretrained
 PACKAGED_TIMM_WEIGHTS = {"efficientnet-lite0": "efficientnet_lite0"}
 
 
-class VisionTokens(nn.Module):
-    """Any supported encoder as images [B, 3, H, W] -> visual tokens [B, N, num_features]:
-    a feature map's cells (timm, convolutional transformers models) or a transformer's tokens."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-    def __init__(self, encoder: nn.Module, num_features: int, kind: str) -> None:
+
+class VisionTokens(nn.Module):
+    """Any supported encoder as images [B, 3, H, W] in [0, 1] -> visual tokens [B, N, num_features]:
+    a feature map's cells (timm, convolutional transformers models) or a transformer's tokens.
+
+    The pixels are normalised here with the statistics the encoder was trained with (ImageNet's
+    for timm's EfficientNet, OpenAI's for CLIP towers), so the data side never needs to know them.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_features: int,
+        kind: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.num_features = num_features
         self.kind = kind
+        self.register_buffer("mean", torch.tensor(mean)[:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std)[:, None, None], persistent=False)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
+        pixel_values = (pixel_values - self.mean) / self.std
         if self.kind == "open_clip":
             return self.encoder(pixel_values)[1]  # (pooled, tokens) with output_tokens set
         features = self.encoder(pixel_values)
@@ -48,12 +66,18 @@ def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | No
     - "open_clip:<model>[/<pretrained tag>]": an open_clip model's image tower (its patch tokens).
     """
     if name.startswith("hf:"):
-        from transformers import AutoModel
+        from transformers import AutoImageProcessor, AutoModel
 
-        encoder = AutoModel.from_pretrained(resolve_pretrained(name.removeprefix("hf:"), cache_dir))
+        folder = resolve_pretrained(name.removeprefix("hf:"), cache_dir)
+        encoder = AutoModel.from_pretrained(folder)
         config = encoder.config
         width = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
-        tokens = VisionTokens(encoder, width, "transformers")
+        try:  # the model's own image statistics, when it ships an image processor
+            processor = AutoImageProcessor.from_pretrained(folder)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        except (OSError, ValueError, AttributeError):
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        tokens = VisionTokens(encoder, width, "transformers", mean, std)
     elif name.startswith("open_clip:"):
         import open_clip
 
@@ -64,7 +88,9 @@ def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | No
                 f"vision encoder {name!r}: only open_clip ViT image towers give patch tokens"
             )
         visual.output_tokens = True
-        tokens = VisionTokens(visual, visual.transformer.width, "open_clip")
+        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        tokens = VisionTokens(visual, visual.transformer.width, "open_clip", tuple(mean), tuple(std))
     else:
         timm_name = PACKAGED_TIMM_WEIGHTS.get(name, name)
         try:
@@ -78,7 +104,14 @@ def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | No
             raise UserInputError(f"vision encoder {name!r}: {error}") from None
         if pretrained and name in PACKAGED_TIMM_WEIGHTS:
             load_in_order(encoder, resolve_pretrained(name, cache_dir))
-        tokens = VisionTokens(encoder, encoder.num_features, "timm")
+        config = encoder.pretrained_cfg
+        tokens = VisionTokens(
+            encoder,
+            encoder.num_features,
+            "timm",
+            tuple(config.get("mean", IMAGENET_MEAN)),
+            tuple(config.get("std", IMAGENET_STD)),
+        )
     return tokens.requires_grad_(False).eval()
 
 

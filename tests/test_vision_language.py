@@ -85,3 +85,15 @@ def test_transformers_and_open_clip_encoders_give_tokens(tmp_path):
     assert not any(p.requires_grad for p in clip.parameters())
     with pytest.raises(UserInputError, match="open_clip ViT image towers"):
         build_vision_encoder("open_clip:RN50", pretrained=False)
+
+
+def test_encoders_normalise_with_their_own_statistics():
+    efficientnet = build_vision_encoder("test_efficientnet", pretrained=False)
+    pixels = torch.rand(1, 3, 64, 64)
+    normalised = (pixels - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    )[:, None, None]
+    expected = efficientnet.encoder(normalised).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(efficientnet(pixels), expected)
+    clip = build_vision_encoder("open_clip:ViT-B-32", pretrained=False)
+    torch.testing.assert_close(clip.mean.flatten(), torch.tensor([0.48145466, 0.4578275, 0.40821073]))
