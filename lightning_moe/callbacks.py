@@ -46,8 +46,9 @@ class ExportAdapter(L.Callback):
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, AdapterModule) or not trainer.is_global_zero:
+        if not isinstance(pl_module, AdapterModule):
             return
+        # every process takes part: a sharded model gathers its adapters before rank 0 writes
         folder = self._target(trainer)
         pl_module.export_adapter(str(folder), base_model=self.base_model)
         rank_zero_info(f"adapter written to {folder}")

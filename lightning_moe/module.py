@@ -1,7 +1,7 @@
 """`AdapterModule`: the LightningModule every domain task builds on.
 
 `configure_model` builds the frozen base, injects adapters (or loads a saved adapter folder),
-and optionally compiles; it is idempotent. Checkpoints hold adapter/router/trainable weights
+shards it under FSDP2 and optionally compiles; it is idempotent. Checkpoints hold adapter/router/trainable weights
 only, plus a fingerprint of the base so a checkpoint is never silently applied to another
 base. Router auxiliary losses are added to the task loss, and routing statistics are logged.
 """
@@ -30,10 +30,16 @@ from lightning_moe.adapters import (
     routing_statistics,
 )
 from lightning_moe.adapters.aux_losses import BalanceScope
-from lightning_moe.adapters.checkpoint import base_fingerprint, check_fingerprint, save_adapter
+from lightning_moe.adapters.checkpoint import adapter_state_dict, base_fingerprint, write_adapter
 from lightning_moe.adapters.errors import AdapterCheckpointError, UserInputError
-from lightning_moe.adapters.files import read_adapter_config
+from lightning_moe.adapters.files import compare_fingerprints, read_adapter_config
 from lightning_moe.adapters.mixture import check_expert_references, expert_references
+from lightning_moe.parallel import (
+    data_parallel_mesh,
+    full_tensor,
+    mixed_precision_policy,
+    shard_adapted_model,
+)
 from lightning_moe.routing_logging import log_routing_statistics
 
 
@@ -71,7 +77,8 @@ class AdapterModule(L.LightningModule):
         scheduler: Optional learning-rate scheduler factory (stepped every optimizer step).
         router_lr: Learning rate of the routers and LoRA-mixture gates (None: the optimizer's).
         extra_lr: Learning rate of other trainable modules such as projectors (None: the optimizer's).
-        compile: Compile the adapted model in `configure_model` (nn.Module.compile, keys unchanged).
+        compile: Compile the adapted model in `configure_model`, after sharding (nn.Module.compile:
+            parameter names and checkpoints are unchanged).
         routing_log_every_n_steps: How often routing statistics go to the logger.
     """
 
@@ -105,6 +112,7 @@ class AdapterModule(L.LightningModule):
         self.model: nn.Module | None = None
         self.injection: InjectionReport | None = None
         self.expert_of_task: dict[str, int] = {}  # for the supervised gate loss
+        self.base_prints: dict[str, dict] = {}  # taken before sharding, when every weight is whole
         self.labelled_gates: set[str] = set()
 
     # --- what a task provides -------------------------------------------------------------
@@ -134,6 +142,10 @@ class AdapterModule(L.LightningModule):
             module.requires_grad_(True)
         if self.router_loss.label_coef > 0:
             self._find_labelled_gates()
+        self.base_prints = base_fingerprint(self.model)
+        if self.device_mesh is not None:  # ModelParallelStrategy / FSDP2Strategy
+            mesh = data_parallel_mesh(self.device_mesh)
+            shard_adapted_model(self.model, mesh, mixed_precision_policy(self.trainer.strategy))
         if self.compile_model:
             self.model.compile()
         rank_zero_info(self.injection.summary())
@@ -177,9 +189,15 @@ class AdapterModule(L.LightningModule):
         )
 
     def export_adapter(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
-        """Write the adapters in the stand-alone format (adapter_config.json + safetensors)."""
+        """Write the adapters in the stand-alone format (adapter_config.json + safetensors).
+
+        Every process calls it: a sharded model gathers whole tensors, and rank 0 writes them,
+        so the folder is the same as from a single process.
+        """
         rules = self.adapter_rules or self._rules_from_adapter_path()
-        save_adapter(self.model, rules, folder, base_model=base_model, overwrite=overwrite)
+        state = {key: full_tensor(value) for key, value in adapter_state_dict(self.model).items()}
+        if self.global_rank == 0:
+            write_adapter(state, self.model, rules, self.base_prints, folder, base_model, overwrite)
 
     def _rules_from_adapter_path(self) -> list[AdapterRule]:
         return [AdapterRule.from_dict(rule) for rule in read_adapter_config(self.adapter_path)["rules"]]
@@ -206,12 +224,16 @@ class AdapterModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["base_fingerprint"] = base_fingerprint(self.model)
+        checkpoint["base_fingerprint"] = self.base_prints
         checkpoint["expert_sha256"] = expert_references(dict(adapted_layers(self.model)))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "base_fingerprint" in checkpoint:
-            check_fingerprint(self.model, checkpoint["base_fingerprint"], "checkpoint")
+        for name, expected in checkpoint.get("base_fingerprint", {}).items():
+            if name not in self.base_prints:
+                raise AdapterCheckpointError(
+                    f"checkpoint adapts layer {name!r}, which this model does not adapt"
+                )
+            compare_fingerprints(name, self.base_prints[name], expected, "checkpoint")
         check_expert_references(
             dict(adapted_layers(self.model)), checkpoint.get("expert_sha256", {}), "checkpoint"
         )

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.module import AdapterModule
+from lightning_moe.parallel import full_tensor
 from lightning_moe.routing_logging import DomainRouting
 from lightning_moe.tasks.answer_match import NormalizedMatch, normalize_answer
 from lightning_moe.tasks.causal_lm import build_causal_lm, greedy_generation
@@ -112,15 +113,18 @@ class VisualInstructionTask(AdapterModule):
         return {"model.projector": self.model.projector} if self.model is not None else {}
 
     def export_adapter(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
+        # gathered on every process (a sharded projector), written by rank 0
+        projector = {
+            k: full_tensor(v).detach().contiguous() for k, v in self.model.projector.state_dict().items()
+        }
         target = Path(folder) / PROJECTOR_FILE
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
         if self.adapter_rules or self.adapter_path:
             super().export_adapter(folder, base_model, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.detach().contiguous() for k, v in self.model.projector.state_dict().items()}, str(target)
-        )
+        if self.global_rank == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file(projector, str(target))
 
     # --- steps ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -165,3 +165,17 @@ def test_state_dict_is_trainable_state_and_loading_a_mismatch_fails(tiny_llama_c
     del state[next(iter(state))]
     with pytest.raises(AdapterCheckpointError, match="missing"):
         task.load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(tmp_path, monkeypatch):
+    """`compile: true` compiles the adapted model in configure_model; training equals eager."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.chdir(tmp_path)
+    fit("eager", "--trainer.max_steps=3")
+    cli = fit("compiled", "--trainer.max_steps=3", "--model.init_args.compile=true")
+    assert cli.model.model._compiled_call_impl is not None
+    eager = load_file(run_dir("eager") / "adapter/adapter_model.safetensors")
+    compiled = load_file(run_dir("compiled") / "adapter/adapter_model.safetensors")
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)

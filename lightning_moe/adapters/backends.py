@@ -6,6 +6,7 @@ Every backend computes, for each token n and each of its k routing slots j,
 
 from the same stacked weights A: [E, r, in], B: [E, out, r]. `loop_experts` is the readable
 reference; the others must match it in outputs and in the gradients of x, A, B and weights.
+"auto" (`auto_backend`) picks one per call from what `make bench` measured.
 """
 
 from __future__ import annotations
@@ -73,6 +74,26 @@ BACKENDS: dict[str, ExpertBackend] = {
     "dense": dense_experts,
     "grouped": grouped_experts,
 }
+
+
+# On CPU the dense path won every measured shape until the bank held more than this many times
+# the routed experts; past it, computing every expert's ranks for every token costs more than
+# sorting tokens for the grouped GEMMs (docs/benchmarks.md, `make bench`).
+DENSE_MAX_EXPERTS_PER_ROUTED = 16
+
+
+def auto_backend(x: Tensor, num_experts: int, top_k: int) -> str:
+    """The backend measured fastest for this input: torch's grouped GEMM kernel on CUDA with
+    bfloat16 (compute follows the routed experts only), else dense for banks up to
+    DENSE_MAX_EXPERTS_PER_ROUTED x top_k experts, else grouped."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        return "grouped"
+    return "dense" if num_experts <= DENSE_MAX_EXPERTS_PER_ROUTED * top_k else "grouped"
+
+
+def expert_backend(name: str, x: Tensor, num_experts: int, top_k: int) -> ExpertBackend:
+    """The backend function a config names, resolving "auto" for this input."""
+    return BACKENDS[auto_backend(x, num_experts, top_k) if name == "auto" else name]
 
 
 def _pad_last(t: Tensor, multiple: int) -> Tensor:

@@ -65,7 +65,21 @@ def save_adapter(
 
     An existing adapter in `folder` is only replaced when `overwrite` is set.
     """
-    state = adapter_state_dict(model)
+    return write_adapter(
+        adapter_state_dict(model), model, rules, base_fingerprint(model), folder, base_model, overwrite
+    )
+
+
+def write_adapter(
+    state: dict[str, Tensor],
+    model: nn.Module,
+    rules: list[AdapterRule],
+    fingerprint: dict[str, dict],
+    folder: str | os.PathLike,
+    base_model: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """`save_adapter` from tensors gathered elsewhere (e.g. from the shards of a sharded model)."""
     if not state:
         raise AdapterConfigError(f"{type(model).__name__} has no adapters to save; call inject() first")
     config = {
@@ -74,7 +88,7 @@ def save_adapter(
         "base_model": base_model,
         "rules": [rule.to_dict() for rule in rules],
         "modules": {name: layer.config.kind for name, layer in adapted_layers(model)},
-        "fingerprint": base_fingerprint(model),
+        "fingerprint": fingerprint,
     }
     return write_adapter_folder(folder, state, config, overwrite)
 

@@ -14,7 +14,7 @@ from typing import Literal
 from .errors import AdapterConfigError
 
 LoraInit = Literal["kaiming", "gaussian", "pissa"]
-Backend = Literal["loop", "dense", "grouped"]
+Backend = Literal["auto", "loop", "dense", "grouped"]
 RouterGradient = Literal["prob", "straight_through"]
 
 
@@ -77,7 +77,9 @@ class MoELoraConfig(LowRankConfig):
             (the router learns from the task loss through that product); "straight_through"
             uses weight 1 in the forward pass and the probability's gradient in the backward.
         jitter_noise: Multiplicative uniform noise (1 +- eps) on the router input in training.
-        backend: Expert compute path: "loop" (reference), "dense" or "grouped"; all agree.
+        backend: Expert compute path: "loop" (reference), "dense" or "grouped", all equal in
+            outputs and gradients; "auto" picks the fastest measured for the device, dtype and
+            expert count (see `backends.auto_backend`).
     """
 
     kind: Literal["moe"] = "moe"
@@ -85,7 +87,7 @@ class MoELoraConfig(LowRankConfig):
     top_k: int = 1
     router_gradient: RouterGradient = "prob"
     jitter_noise: float = 0.0
-    backend: Backend = "dense"
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,7 +125,7 @@ class LoraMixtureConfig:
     gate_dropout: float = 0.0
     fixed_weights: list[float] | None = None
     expert_tasks: list[str] | None = None
-    backend: Backend = "dense"
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         count = len(self.experts)
@@ -175,7 +177,7 @@ class XLoraConfig(LoraMixtureConfig):
             [0.25, 0.25, 0.25, 0.25] is the merged average; a one-hot picks one expert).
         expert_tasks: The task (data `domain`) each expert was trained on, for the supervised gate
             loss (`router_loss.label_coef`).
-        backend: Expert compute path ("loop", "dense" or "grouped"); all agree.
+        backend: Expert compute path ("auto", "loop", "dense" or "grouped"); all agree.
     """
 
     kind: Literal["xlora"] = "xlora"
@@ -197,7 +199,7 @@ class MeteoraConfig(LoraMixtureConfig):
         gate_dropout: Dropout on the gate's hidden layer during training.
         fixed_weights: Instead of a trained gate, the same weights for every token.
         expert_tasks: The task (data `domain`) each expert was trained on.
-        backend: Expert compute path ("loop", "dense" or "grouped"); all agree.
+        backend: Expert compute path ("auto", "loop", "dense" or "grouped"); all agree.
     """
 
     kind: Literal["meteora"] = "meteora"
@@ -276,7 +278,7 @@ def mole_rules(
     alpha: float = 16.0,
     mlp_targets: list[str] | None = None,
     router_gradient: RouterGradient = "prob",
-    backend: Backend = "dense",
+    backend: Backend = "auto",
 ) -> list[AdapterRule]:
     """LLaVA-MoLE: top-1 LoRA experts on the MLP linears only."""
     moe = MoELoraConfig(
@@ -297,7 +299,7 @@ def mixlora_rules(
     alpha: float = 16.0,
     mlp_targets: list[str] | None = None,
     attention_targets: list[str] | None = None,
-    backend: Backend = "dense",
+    backend: Backend = "auto",
 ) -> list[AdapterRule]:
     """MixLoRA: top-k (k >= 2) LoRA experts on the FFN plus a plain LoRA on attention."""
     if top_k < 2:

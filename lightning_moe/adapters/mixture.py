@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS
+from .backends import expert_backend
 from .config import LoraMixtureConfig
 from .errors import AdapterCheckpointError
 from .files import check_weight_fingerprint
@@ -151,7 +151,8 @@ class LoraMixtureAdapter(nn.Module):
             self.collector.record(
                 RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), chosen.view(*lead_shape, -1))
             )
-        delta = BACKENDS[self.backend](flat, self.expert_A, self.expert_B, indices, weights.to(flat.dtype))
+        compute = expert_backend(self.backend, flat, self.expert_A.shape[0], indices.shape[-1])
+        delta = compute(flat, self.expert_A, self.expert_B, indices, weights.to(flat.dtype))
         return delta.view(*lead_shape, delta.shape[-1])
 
     def delta_weight(self) -> Tensor:

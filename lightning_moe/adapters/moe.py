@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS
+from .backends import expert_backend
 from .config import MoELoraConfig
 from .lora import kaiming_uniform_rows_
 from .routing import RoutingCollector, RoutingRecord, TopKRouter
@@ -43,11 +43,12 @@ class ExpertBank(nn.Module):
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
 
-    def forward(self, x: Tensor, indices: Tensor, weights: Tensor, backend: str = "dense") -> Tensor:
+    def forward(self, x: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto") -> Tensor:
         """x: [N, in]; indices, weights: [N, k] -> [N, out]."""
         x = self.dropout(x.to(self.lora_A.dtype))
         weights = (weights * self.scaling).to(x.dtype)
-        return BACKENDS[backend](x, self.lora_A, self.lora_B, indices, weights)
+        compute = expert_backend(backend, x, self.num_experts, indices.shape[-1])
+        return compute(x, self.lora_A, self.lora_B, indices, weights)
 
 
 class MoELoraAdapter(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_moe.adapters import BACKENDS, MoELoraConfig
+from lightning_moe.adapters.backends import DENSE_MAX_EXPERTS_PER_ROUTED, auto_backend
 from lightning_moe.adapters.moe import MoELoraAdapter
 
 NUM_EXPERTS = 4
@@ -198,3 +199,65 @@ def test_compiled_backend_fullgraph_matches_eager(inductor_cache, backend, dtype
     # and the compiled result still agrees with the fp32 loop reference
     reference = run_backend(BACKENDS["loop"], leaves, indices, projection)
     assert_results_close(result, reference, rtol=5e-2, atol_fraction=3e-2)
+
+
+# --- "auto": a measured choice per input, overridable by naming a backend ---
+
+
+def test_auto_backend_choice_follows_device_dtype_and_bank_size():
+    x = torch.randn(4, IN_FEATURES)
+    assert auto_backend(x, num_experts=8, top_k=1) == "dense"
+    assert auto_backend(x.bfloat16(), num_experts=16, top_k=1) == "dense"  # grouped only on CUDA
+    limit = DENSE_MAX_EXPERTS_PER_ROUTED
+    assert auto_backend(x, num_experts=limit, top_k=1) == "dense"
+    assert auto_backend(x, num_experts=limit + 1, top_k=1) == "grouped"
+    assert auto_backend(x, num_experts=2 * limit, top_k=2) == "dense"
+
+
+@pytest.mark.parametrize("num_experts", [NUM_EXPERTS, 4 * DENSE_MAX_EXPERTS_PER_ROUTED])
+def test_auto_backend_layer_matches_loop(num_experts):
+    torch.manual_seed(0)
+    base = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    config = MoELoraConfig(rank=3, alpha=6.0, num_experts=num_experts, top_k=2, backend="loop")
+    reference_layer = MoELoraAdapter(base, config)
+    with torch.no_grad():
+        reference_layer.experts.lora_B.normal_(std=0.3)
+    layer = copy.deepcopy(reference_layer)
+    layer.backend = "auto"
+    x, projection = torch.randn(2, 9, IN_FEATURES), torch.randn(2, 9, OUT_FEATURES)
+    expected = adapter_grads(reference_layer, x, projection)
+    assert_results_close(adapter_grads(layer, x, projection), expected, rtol=1e-5, atol_fraction=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA grouped GEMM path needs a GPU")
+def test_auto_backend_takes_the_cuda_grouped_gemm_in_bf16():
+    x = torch.randn(4, IN_FEATURES, device="cuda", dtype=torch.bfloat16)
+    expected = "grouped" if torch.cuda.get_device_capability() >= (8, 0) else "dense"
+    assert auto_backend(x, num_experts=8, top_k=1) == expected
+    leaves, indices, projection = routing_problem(top_k=2, rank=8)
+    reference = run_backend(BACKENDS["loop"], leaves, indices, projection)
+    cuda_leaves = {name: value.cuda() for name, value in leaves.items()}
+    result = run_backend(BACKENDS["grouped"], cuda_leaves, indices.cuda(), projection.cuda(), torch.bfloat16)
+    assert_results_close({k: v.cpu() for k, v in result.items()}, reference, rtol=5e-2, atol_fraction=3e-2)
+
+
+@pytest.mark.slow
+def test_compiled_moe_adapter_fullgraph_with_router_and_collector_matches_eager(inductor_cache):
+    """The whole adapted expert path (router, top-k, routing side channel, auto backend) compiles
+    without a graph break and equals eager in outputs and every gradient."""
+    from lightning_moe.adapters.routing import RoutingCollector
+
+    eager_layer = moe_layer(top_k=2)
+    eager_layer.backend = "auto"
+    compiled_layer = copy.deepcopy(eager_layer)
+    for layer in (eager_layer, compiled_layer):
+        layer.layer_name, layer.collector = "proj", RoutingCollector()
+    compiled_layer.compile(fullgraph=True)
+    torch.manual_seed(1)
+    x, projection = torch.randn(3, 7, IN_FEATURES), torch.randn(3, 7, OUT_FEATURES)
+    with eager_layer.collector.capture() as eager_records:
+        expected = adapter_grads(eager_layer, x, projection)
+    with compiled_layer.collector.capture() as compiled_records:
+        result = adapter_grads(compiled_layer, x, projection)
+    assert_results_close(result, expected, rtol=1e-5, atol_fraction=1e-5)
+    assert torch.equal(compiled_records["proj"].indices, eager_records["proj"].indices)

@@ -1,0 +1,116 @@
+"""Data-parallel FSDP2 for adapted models: the strategy and the one function that shards.
+
+`FSDP2Strategy` is Lightning's `ModelParallelStrategy` with every process on the data-parallel
+axis (no tensor parallelism) and a mixed-precision policy set in the config. Lightning calls the
+task's `configure_model`, which calls `shard_adapted_model` after injecting the adapters. Units,
+innermost first: each adapter (so its small parameters are gathered on their own), each
+transformer block (the frozen base, one block at a time), then the root for the rest.
+It runs on CPU with gloo too, which is how the tests drive two processes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from lightning_moe.adapters import adapted_layers
+from lightning_moe.adapters.errors import UserInputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str | None, argument: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserInputError(f"{argument}={name!r} is not a dtype; expected one of {sorted(DTYPES)} or null")
+    return DTYPES[name]
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over all processes, with adapter-only checkpoints.
+
+    Args:
+        param_dtype: Dtype the gathered parameters compute in (e.g. "bfloat16"); null keeps
+            the stored dtype.
+        reduce_dtype: Dtype gradients are reduced in across processes (e.g. "float32" with
+            bf16 parameters); null uses param_dtype.
+        save_distributed_checkpoint: Each process writes its own shard of the checkpoint (a
+            folder); False gathers one file on rank 0.
+        process_group_backend: "nccl", "gloo", ...; default: the device's usual one.
+        timeout: Timeout of collective operations.
+    """
+
+    def __init__(
+        self,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta = timedelta(minutes=30),
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.mixed_precision = MixedPrecisionPolicy(
+            param_dtype=_dtype(param_dtype, "param_dtype"), reduce_dtype=_dtype(reduce_dtype, "reduce_dtype")
+        )
+
+    def setup_environment(self) -> None:
+        # the parent's "auto" puts only the nodes on the data axis; here every process is on it
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the classes transformers marks as not to be split
+    (`_no_split_modules`), else the members of every `nn.ModuleList`."""
+    block_names = {
+        name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])
+    }
+    if block_names:
+        return [module for module in model.modules() if type(module).__name__ in block_names]
+    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+
+
+def shard_adapted_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+    """`fully_shard` the adapters, then the blocks, then the root, in place, over a 1-D mesh."""
+    for _, layer in adapted_layers(model):
+        if any(True for _ in layer.adapter.parameters()):
+            fully_shard(layer.adapter, mesh=mesh, mp_policy=policy)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel axis of Lightning's (data_parallel, tensor_parallel) mesh."""
+    tensor_parallel = (
+        mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+    )
+    if tensor_parallel != 1:
+        raise UserInputError(
+            f"tensor_parallel_size={tensor_parallel}: adapters support data-parallel sharding only; "
+            "set tensor_parallel_size=1 (FSDP2Strategy does)"
+        )
+    return mesh["data_parallel"] if mesh.ndim > 1 else mesh
+
+
+def mixed_precision_policy(strategy: object) -> MixedPrecisionPolicy:
+    """The strategy's policy (FSDP2Strategy), else compute in the stored dtype."""
+    return getattr(strategy, "mixed_precision", None) or MixedPrecisionPolicy()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every process must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -1,0 +1,142 @@
+"""Two CPU processes (gloo) with the configs/_base trainer files: FSDP2 and DDP train a tiny MoLE
+model like one process does, FSDP2 resumes from its sharded checkpoint, and the adapters they
+export reload in one process."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_moe.adapters.files import read_safetensors
+from lightning_moe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = REPO / "configs/smoke/mole_tiny_llama.yaml"
+STEPS, EVERY = 8, 4
+BATCH = 8  # per process; the single-process run reads both processes' samples in one batch
+
+pytestmark = pytest.mark.slow
+
+
+def overlay(folder: Path, batch_size: int) -> Path:
+    """Run settings on top of the task config: CSV losses, a checkpoint every EVERY steps, the
+    export in the run folder."""
+    settings = {
+        "trainer": {
+            "max_steps": STEPS,
+            "val_check_interval": EVERY,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(folder), "name": "logs", "version": 0},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(folder / "checkpoints"),
+                        "every_n_train_steps": EVERY,
+                        "save_top_k": -1,
+                    },
+                },
+                {
+                    "class_path": "lightning_moe.callbacks.ExportAdapter",
+                    "init_args": {"dirpath": str(folder / "adapter")},
+                },
+            ],
+        },
+        "data": {"init_args": {"batch_size": batch_size, "train_size": 256, "val_size": 32}},
+    }
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def fit_two_processes(folder: Path, strategy: str, *extra: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "lightning_moe", "fit",
+        "--config", str(REPO / f"configs/_base/{strategy}.yaml"),
+        "--config", str(TASK),
+        "--config", str(overlay(folder, BATCH)),
+        "--trainer.devices=2", "--trainer.accelerator=cpu", *extra,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+def val_losses(folder: Path) -> list[float]:
+    with (folder / "logs/version_0/metrics.csv").open() as handle:
+        return [float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parallel")
+    single = root / "single"
+    single.mkdir()
+    main(["fit", "--config", str(TASK), "--config", str(overlay(single, 2 * BATCH)), "--trainer.devices=1"])
+    return {
+        "single": single,
+        "fsdp2": fit_two_processes(root / "fsdp2", "fsdp2"),
+        "ddp": fit_two_processes(root / "ddp", "ddp"),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_match_one(runs, strategy):
+    single, parallel = val_losses(runs["single"]), val_losses(runs[strategy])
+    assert len(single) == len(parallel) == STEPS // EVERY
+    # the same samples per step, but per-process token means: equal up to padding weights
+    assert parallel == pytest.approx(single, rel=2e-2)
+
+
+def test_fsdp2_and_ddp_agree_closely(runs):
+    # both split each step's samples the same way, so only the order of reductions differs
+    assert val_losses(runs["fsdp2"]) == pytest.approx(val_losses(runs["ddp"]), rel=1e-4)
+    sharded = read_safetensors(runs["fsdp2"] / "adapter/adapter_model.safetensors")
+    replicated = read_safetensors(runs["ddp"] / "adapter/adapter_model.safetensors")
+    assert sharded.keys() == replicated.keys()
+    for key in sharded:
+        torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-3, atol=1e-5)
+
+
+def test_fsdp2_checkpoint_is_sharded_and_resumes_to_the_same_adapter(runs, tmp_path):
+    checkpoint = runs["fsdp2"] / "checkpoints" / f"epoch=0-step={EVERY}.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per process
+    resumed = fit_two_processes(tmp_path / "resumed", "fsdp2", f"--ckpt_path={checkpoint}")
+    expected = read_safetensors(runs["fsdp2"] / "adapter/adapter_model.safetensors")
+    got = read_safetensors(resumed / "adapter/adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_exported_adapter_reloads_in_one_process(runs, strategy, tmp_path, monkeypatch):
+    """The whole adapter gathered from the shards validates in one process like the run's last
+    validation did in two (batches group the samples differently, hence the tolerance)."""
+    monkeypatch.chdir(tmp_path)
+    cli = main([
+        "validate", "--config", str(TASK), "--config", str(overlay(tmp_path, BATCH)),
+        f"--model.init_args.adapter_path={runs[strategy] / 'adapter'}",
+        "--trainer.devices=1", "--trainer.logger=false",
+    ])  # fmt: skip
+    reloaded = cli.trainer.callback_metrics["val/loss"].item()
+    assert reloaded == pytest.approx(val_losses(runs[strategy])[-1], rel=2e-2)
+
+
+def test_sharded_checkpoint_holds_the_exported_adapter_and_nothing_frozen(runs, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(runs["fsdp2"] / "checkpoints" / f"epoch=0-step={STEPS}.ckpt", tmp_path / "whole.pt")
+    state = torch.load(tmp_path / "whole.pt", weights_only=True)["state_dict"]
+    exported = read_safetensors(runs["fsdp2"] / "adapter/adapter_model.safetensors")
+    assert {key.removeprefix("model.").replace(".adapter.", ".") for key in state} == set(exported)
+    for key, value in state.items():
+        torch.testing.assert_close(value, exported[key.removeprefix("model.").replace(".adapter.", ".")])
