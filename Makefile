@@ -37,6 +37,7 @@ tb: install
 bench: install
 	$(PY) benchmarks/adapter_layers.py --output docs/benchmarks.md
 	$(PY) benchmarks/lora_mixtures.py --output docs/benchmarks_mixtures.md
+	$(PY) benchmarks/end_to_end.py --output docs/benchmarks_end_to_end.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,10 +1,12 @@
-"""Forward+backward time of one adapted linear layer, side by side with peft, as ratios.
+"""Forward+backward time and activation memory of one adapted linear layer, side by side with
+peft, eager and compiled, as ratios.
 
     python benchmarks/adapter_layers.py --output docs/benchmarks.md
 
-Every variant runs in the same process on the same input; rounds interleave the variants so
-drift in machine load hits all of them alike. Reported: median ms per step, spread
-(interquartile range) and the ratio of medians to peft LoRA of the same rank.
+Every variant of a table runs in the same process on the same input; rounds interleave the
+variants so drift in machine load hits all of them alike. Reported: median ms per step, spread
+(interquartile range), the ratio of medians to peft LoRA of the same rank, and the activation
+memory autograd saves for the backward pass (parameters excluded; measured eagerly).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +22,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from timing import measure, publish, ratio_table
+from timing import measure, publish
 from torch import nn
 
 from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
+from lightning_moe.adapters.backends import auto_backend
 
 SHAPES = {"smollm2-mlp": (576, 1536), "7b-mlp": (4096, 11008)}
+BACKENDS = ("loop", "dense", "grouped")
 
 
 class OneLinear(nn.Module):
@@ -36,7 +41,7 @@ class OneLinear(nn.Module):
         return self.proj(x)
 
 
-def variants(in_features: int, out_features: int, rank: int) -> dict[str, nn.Module]:
+def variants(in_features: int, out_features: int, rank: int, experts: list[int]) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = OneLinear(in_features, out_features)
     frozen = copy.deepcopy(base).requires_grad_(False)
@@ -48,16 +53,26 @@ def variants(in_features: int, out_features: int, rank: int) -> dict[str, nn.Mod
     ours = copy.deepcopy(base)
     inject(ours, [AdapterRule(["proj"], LoraConfig(rank=rank, alpha=2 * rank))])
     models["ours LoRA"] = ours
-    for experts in (4, 8, 16):
+    for count in experts:
         for top_k in (1, 2):
-            for backend in ("loop", "dense", "grouped"):
+            for backend in BACKENDS:
                 model = copy.deepcopy(base)
                 config = MoELoraConfig(
-                    rank=rank, alpha=2 * rank, num_experts=experts, top_k=top_k, backend=backend
+                    rank=rank, alpha=2 * rank, num_experts=count, top_k=top_k, backend=backend
                 )
                 inject(model, [AdapterRule(["proj"], config)])
-                models[f"MoE E={experts} top-{top_k} {backend}"] = model
+                models[f"MoE E={count} top-{top_k} {backend}"] = model
     return models
+
+
+def compiled(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """torch.compile of every adapted variant; fullgraph except the loop reference, whose
+    data-dependent token counts break the graph by design."""
+    return {
+        f"{name} (compiled)": torch.compile(model, fullgraph="loop" not in name)
+        for name, model in models.items()
+        if name != "frozen linear"
+    }
 
 
 def step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -67,35 +82,90 @@ def step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def saved_activation_mb(model: nn.Module, x: torch.Tensor) -> float:
+    """Megabytes of tensors autograd keeps for the backward pass, parameters excluded."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    del out
+    return sum(storages.values()) / 2**20
+
+
+def table(times: dict[str, list[float]], memory: dict[str, float], reference: str) -> list[str]:
+    base = statistics.median(times[reference])
+    rows = [
+        f"| variant | median ms | IQR ms | × {reference} | saved activations MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, samples in times.items():
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        median = statistics.median(samples)
+        saved = memory.get(name.removesuffix(" (compiled)"))
+        rows.append(
+            f"| {name} | {median:.2f} | {q3 - q1:.2f} | {median / base:.2f} | "
+            f"{'' if saved is None else f'{saved:.1f}'} |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["smollm2-mlp"], choices=sorted(SHAPES))
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+    )
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 256], help="per shape, in order")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[30, 5], help="per shape, in order")
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
-    dtype = getattr(torch, args.dtype)
     lines = [
         "# Adapter layer benchmark",
         "",
-        f"Command: `python benchmarks/adapter_layers.py --shapes {' '.join(args.shapes)} --tokens {args.tokens} "
-        f"--rank {args.rank} --rounds {args.rounds} --dtype {args.dtype}`",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"{datetime.now(UTC):%Y-%m-%d}. Forward + backward of one layer on {args.tokens} tokens.",
+        f"Command: `python benchmarks/adapter_layers.py --shapes {' '.join(args.shapes)} "
+        f"--dtypes {' '.join(args.dtypes)} --tokens {' '.join(map(str, args.tokens))} "
+        f"--rounds {' '.join(map(str, args.rounds))} --experts {' '.join(map(str, args.experts))} "
+        f"--rank {args.rank}{'' if args.compile else ' --no-compile'}`",
+        f"Machine: {platform.machine()}, {args.device}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, {datetime.now(UTC):%Y-%m-%d}. Forward + backward of one layer.",
     ]
-    for shape in args.shapes:
+    for shape, tokens, rounds in zip(args.shapes, args.tokens, args.rounds, strict=True):
         in_features, out_features = SHAPES[shape]
-        models = {
-            name: model.to(dtype) for name, model in variants(in_features, out_features, args.rank).items()
-        }
-        x = torch.randn(args.tokens, in_features, dtype=dtype)
-        lines += ["", f"## {shape} ({in_features} → {out_features}), {args.dtype}, rank {args.rank}", ""]
-        steps = {name: step_fn(model, x.clone().requires_grad_(True)) for name, model in models.items()}
-        lines += ratio_table(measure(steps, args.rounds, args.warmup), "peft LoRA")
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            eager = {
+                name: model.to(args.device, dtype)
+                for name, model in variants(in_features, out_features, args.rank, args.experts).items()
+            }
+            x = torch.randn(tokens, in_features, dtype=dtype, device=args.device).requires_grad_(True)
+            memory = {name: saved_activation_mb(model, x) for name, model in eager.items()}
+            models = eager | (compiled(eager) if args.compile else {})
+            choices = ", ".join(
+                f"E={count} top-{k}: {auto_backend(x, count, k)}" for count in args.experts for k in (1, 2)
+            )
+            lines += [
+                "",
+                f"## {shape} ({in_features} → {out_features}), {dtype_name}, rank {args.rank}, {tokens} tokens",
+                "",
+                f"`backend: auto` picks here: {choices}.",
+                "",
+            ]
+            steps = {name: step_fn(model, x) for name, model in models.items()}
+            lines += table(measure(steps, rounds, args.warmup), memory, "peft LoRA")
+            torch._dynamo.reset()
     publish(lines, args.output)
 
 

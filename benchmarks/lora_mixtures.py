@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,27 +23,9 @@ import peft
 import torch
 from timing import measure, publish, ratio_table
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from whole_model import LINEARS, SMOLLM2_135M, base_model, inference_step, train_step
 
 from lightning_moe.adapters import AdapterRule, MeteoraConfig, XLoraConfig, inject
-
-SMOLLM2_135M = LlamaConfig(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    use_cache=False,  # peft's XLoraModel refuses a KV cache
-)
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def base_model() -> nn.Module:
-    torch.manual_seed(0)  # every variant wraps identical base weights
-    return LlamaForCausalLM(SMOLLM2_135M)
 
 
 def write_peft_experts(folder: Path, count: int, rank: int) -> list[str]:
@@ -82,27 +63,6 @@ def variants(experts: list[str]) -> dict[str, nn.Module]:
         inject(model, [AdapterRule(targets=LINEARS, adapter=config)])
         ours[name] = model
     return {"frozen model": frozen, "peft LoRA (one)": single, "peft X-LoRA": peft_xlora} | ours
-
-
-def train_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:  # the floor: backward through every activation, no weight gradients
-        model.enable_input_require_grads()
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        for parameter in trainable:
-            parameter.grad = None
-
-    return step
-
-
-def inference_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        with torch.no_grad():
-            model(input_ids=ids)
-
-    return step
 
 
 def main() -> None:

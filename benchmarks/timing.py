@@ -23,14 +23,24 @@ def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> d
     return times
 
 
-def ratio_table(times: dict[str, list[float]], reference: str, decimals: int = 2) -> list[str]:
-    """Median, interquartile range and ratio of medians to `reference`, one row per variant."""
+def ratio_table(
+    times: dict[str, list[float]], reference: str, decimals: int = 2, tokens: int | None = None
+) -> list[str]:
+    """Median, interquartile range and ratio of medians to `reference`, one row per variant;
+    with `tokens` (per call) also the throughput in tokens per second."""
     base = statistics.median(times[reference])
-    rows = [f"| variant | median ms | IQR ms | × {reference} |", "|---|---:|---:|---:|"]
+    throughput = " tokens/s |" if tokens else ""
+    rows = [
+        f"| variant | median ms | IQR ms |{throughput} × {reference} |",
+        "|---|---:|---:|" + "---:|" * (2 if tokens else 1),
+    ]
     for name, samples in times.items():
         q1, _, q3 = statistics.quantiles(samples, n=4)
         median = statistics.median(samples)
-        rows.append(f"| {name} | {median:.{decimals}f} | {q3 - q1:.{decimals}f} | {median / base:.2f} |")
+        rate = f" {tokens / median * 1e3:.0f} |" if tokens else ""
+        rows.append(
+            f"| {name} | {median:.{decimals}f} | {q3 - q1:.{decimals}f} |{rate} {median / base:.2f} |"
+        )
     return rows
 
 

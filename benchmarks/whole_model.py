@@ -1,0 +1,53 @@
+"""Shared by the whole-model benchmarks: SmolLM2-135M's shape with random weights, and the timed
+training and inference steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SMOLLM2_135M = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    use_cache=False,  # peft's XLoraModel refuses a KV cache
+)
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def base_model() -> nn.Module:
+    torch.manual_seed(0)  # every variant wraps identical base weights
+    return LlamaForCausalLM(SMOLLM2_135M)
+
+
+def train_step(
+    model: nn.Module, ids: torch.Tensor, trainable: list[torch.Tensor] | None = None
+) -> Callable[[], None]:
+    """Forward + backward of the LM loss; `trainable` for adapters that hide their parameters
+    from `model.parameters()`."""
+    trainable = trainable if trainable is not None else [p for p in model.parameters() if p.requires_grad]
+    if not trainable:  # the floor: backward through every activation, no weight gradients
+        model.enable_input_require_grads()
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        for parameter in trainable:
+            parameter.grad = None
+
+    return step
+
+
+def inference_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    return step
