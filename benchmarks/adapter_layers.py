@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shlex
 import statistics
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +101,25 @@ def saved_activation_mb(model: nn.Module, x: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
+def profile(step: Callable[[], None], steps: int = 10, rows: int = 12) -> list[str]:
+    """Where a step's time goes: the operators with the most self CPU time over `steps` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    lines = ["| operator | calls per step | self ms per step | share |", "|---|---:|---:|---:|"]
+    for event in events[:rows]:
+        lines.append(
+            f"| `{event.key}` | {event.count / steps:.0f} | {event.self_cpu_time_total / steps / 1e3:.2f} | "
+            f"{event.self_cpu_time_total / total:.0%} |"
+        )
+    return lines
+
+
 def table(times: dict[str, list[float]], memory: dict[str, float], reference: str) -> list[str]:
     base = statistics.median(times[reference])
     rows = [
@@ -134,16 +155,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--profile", nargs="*", default=["peft LoRA", "MoE E=8 top-1 dense"], help="variants to profile"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
     lines = [
         "# Adapter layer benchmark",
         "",
-        f"Command: `python benchmarks/adapter_layers.py --shapes {' '.join(args.shapes)} "
-        f"--dtypes {' '.join(args.dtypes)} --tokens {' '.join(map(str, args.tokens))} "
-        f"--rounds {' '.join(map(str, args.rounds))} --experts {' '.join(map(str, args.experts))} "
-        f"--rank {args.rank}{'' if args.compile else ' --no-compile'}`",
+        f"Command: `{shlex.join(['python', *sys.argv])}`, with shapes {args.shapes}, "
+        f"tokens {args.tokens}, rounds {args.rounds} after {args.warmup} warm-up steps, experts {args.experts}, "
+        f"rank {args.rank}, dtypes {args.dtypes}, compiled variants: {args.compile}.",
         f"Machine: {platform.machine()}, {args.device}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}, {datetime.now(UTC):%Y-%m-%d}. Forward + backward of one layer.",
     ]
@@ -170,6 +193,9 @@ def main() -> None:
             ]
             steps = {name: step_fn(model, x) for name, model in models.items()}
             lines += table(measure(steps, rounds, args.warmup), memory, "peft LoRA")
+            for name in args.profile:
+                lines += ["", f"Where the time of `{name}` goes (torch.profiler, 10 steps):", ""]
+                lines += profile(steps[name])
             torch._dynamo.reset()
     publish(lines, args.output)
 

@@ -19,8 +19,6 @@ TASK = REPO / "configs/smoke/mole_tiny_llama.yaml"
 STEPS, EVERY = 8, 4
 BATCH = 8  # per process; the single-process run reads both processes' samples in one batch
 
-pytestmark = pytest.mark.slow
-
 
 def overlay(folder: Path, batch_size: int) -> Path:
     """Run settings on top of the task config: CSV losses, a checkpoint every EVERY steps, the
@@ -89,6 +87,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_two_processes_match_one(runs, strategy):
     single, parallel = val_losses(runs["single"]), val_losses(runs[strategy])
@@ -97,6 +96,7 @@ def test_two_processes_match_one(runs, strategy):
     assert parallel == pytest.approx(single, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_fsdp2_and_ddp_agree_closely(runs):
     # both split each step's samples the same way, so only the order of reductions differs
     assert val_losses(runs["fsdp2"]) == pytest.approx(val_losses(runs["ddp"]), rel=1e-4)
@@ -107,6 +107,7 @@ def test_fsdp2_and_ddp_agree_closely(runs):
         torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp2_checkpoint_is_sharded_and_resumes_to_the_same_adapter(runs, tmp_path):
     checkpoint = runs["fsdp2"] / "checkpoints" / f"epoch=0-step={EVERY}.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per process
@@ -117,6 +118,7 @@ def test_fsdp2_checkpoint_is_sharded_and_resumes_to_the_same_adapter(runs, tmp_p
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_exported_adapter_reloads_in_one_process(runs, strategy, tmp_path, monkeypatch):
     """The whole adapter gathered from the shards validates in one process like the run's last
@@ -131,6 +133,7 @@ def test_exported_adapter_reloads_in_one_process(runs, strategy, tmp_path, monke
     assert reloaded == pytest.approx(val_losses(runs[strategy])[-1], rel=2e-2)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_holds_the_exported_adapter_and_nothing_frozen(runs, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -140,3 +143,25 @@ def test_sharded_checkpoint_holds_the_exported_adapter_and_nothing_frozen(runs, 
     assert {key.removeprefix("model.").replace(".adapter.", ".") for key in state} == set(exported)
     for key, value in state.items():
         torch.testing.assert_close(value, exported[key.removeprefix("model.").replace(".adapter.", ".")])
+
+
+def test_fsdp2_strategy_reads_its_mixed_precision_policy():
+    from lightning_moe.adapters.errors import UserInputError
+    from lightning_moe.parallel import FSDP2Strategy
+
+    policy = FSDP2Strategy(param_dtype="bfloat16", reduce_dtype="float32").mixed_precision
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert FSDP2Strategy().mixed_precision.param_dtype is None
+    with pytest.raises(UserInputError, match=r"param_dtype='bf16' is not a dtype; expected one of"):
+        FSDP2Strategy(param_dtype="bf16")
+
+
+def test_transformer_blocks_are_the_decoder_layers(tiny_llama_config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_moe.parallel import transformer_blocks
+
+    model = LlamaForCausalLM(LlamaConfig(**tiny_llama_config))
+    assert transformer_blocks(model) == list(model.model.layers)
+    plain = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]))
+    assert transformer_blocks(plain) == list(plain[0])
