@@ -1,9 +1,9 @@
 """`AdapterModule`: the LightningModule every domain task builds on.
 
 `configure_model` builds the frozen base, injects adapters (or loads a saved adapter folder),
-shards it under FSDP2 and optionally compiles; it is idempotent. Checkpoints hold adapter/router/trainable weights
-only, plus a fingerprint of the base so a checkpoint is never silently applied to another
-base. Router auxiliary losses are added to the task loss, and routing statistics are logged.
+shards it under FSDP2 and optionally compiles; it is idempotent. Checkpoints hold
+adapter/router/trainable weights only, plus a fingerprint of the base so a checkpoint is never
+silently applied to another base. Router auxiliary losses are added to the task loss, and routing statistics are logged.
 """
 
 from __future__ import annotations
