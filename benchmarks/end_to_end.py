@@ -24,9 +24,9 @@ from pathlib import Path
 
 import peft
 import torch
-from timing import measure, publish, ratio_table
+from timing import publish
 from torch import nn
-from whole_model import LINEARS, SMOLLM2_135M, base_model, inference_step, train_step
+from whole_model import LINEARS, SMOLLM2_135M, base_model, step_tables, time_models
 
 from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
 
@@ -135,18 +135,14 @@ def main() -> None:
     args = parser.parse_args()
 
     models = variants()
-    ids = torch.randint(
-        0, SMOLLM2_135M.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
+    training, inference = time_models(
+        {name: model for name, (model, _) in models.items()},
+        args.batch,
+        args.tokens,
+        args.rounds,
+        args.warmup,
+        trainable={name: params for name, (_, params) in models.items() if params is not None},
     )
-    steps = {}
-    for name, (model, trainable) in models.items():
-        model.train(name != "frozen model")
-        steps[name] = train_step(model, ids, trainable)
-    training = measure(steps, args.rounds, args.warmup)
-    for model, _ in models.values():
-        model.eval()
-    inference = measure({n: inference_step(m, ids) for n, (m, _) in models.items()}, args.rounds, args.warmup)
-
     tokens = args.batch * args.tokens
     lines = [
         "# Whole-model benchmark: LoRA, MoLE, MixLoRA",
@@ -156,13 +152,7 @@ def main() -> None:
         f"peft {peft.__version__}, mixlora {version('mixlora')}, {datetime.now(UTC):%Y-%m-%d}. SmolLM2-135M "
         f"shape, {args.batch} x {args.tokens} tokens, fp32, medians of {args.rounds} interleaved rounds.",
         "",
-        "## Training step (forward + backward)",
-        "",
-        *ratio_table(training, "peft LoRA", decimals=0, tokens=tokens),
-        "",
-        "## Inference (one forward pass, no gradients)",
-        "",
-        *ratio_table(inference, "peft LoRA", decimals=0, tokens=tokens),
+        *step_tables(training, inference, "peft LoRA", tokens),
     ]
     publish(lines, args.output)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import peft
 import torch
-from timing import measure, publish, ratio_table
+from timing import publish
 from torch import nn
-from whole_model import LINEARS, SMOLLM2_135M, base_model, inference_step, train_step
+from whole_model import LINEARS, SMOLLM2_135M, base_model, step_tables, time_models
 
 from lightning_moe.adapters import AdapterRule, MeteoraConfig, XLoraConfig, inject
 
@@ -78,15 +78,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         models = variants(write_peft_experts(Path(folder), args.experts, args.rank))
-    for name, model in models.items():
-        model.train(name != "frozen model")
-    ids = torch.randint(
-        0, SMOLLM2_135M.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
-    )
-    training = measure({n: train_step(m, ids) for n, m in models.items()}, args.rounds, args.warmup)
-    for model in models.values():
-        model.eval()
-    inference = measure({n: inference_step(m, ids) for n, m in models.items()}, args.rounds, args.warmup)
+    training, inference = time_models(models, args.batch, args.tokens, args.rounds, args.warmup)
 
     lines = [
         "# LoRA mixtures benchmark",
@@ -97,13 +89,7 @@ def main() -> None:
         f"peft {peft.__version__}, {datetime.now(UTC):%Y-%m-%d}. SmolLM2-135M shape, {args.experts} LoRAs of "
         f"rank {args.rank} on all 7 linears of every layer, {args.batch} x {args.tokens} tokens, fp32.",
         "",
-        "## Training step (forward + backward)",
-        "",
-        *ratio_table(training, "peft LoRA (one)", decimals=0),
-        "",
-        "## Inference (one forward pass, no gradients)",
-        "",
-        *ratio_table(inference, "peft LoRA (one)", decimals=0),
+        *step_tables(training, inference, "peft LoRA (one)"),
     ]
     publish(lines, args.output)
 

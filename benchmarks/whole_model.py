@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timing import measure, ratio_table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,3 +52,43 @@ def inference_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
             model(input_ids=ids)
 
     return step
+
+
+def time_models(
+    models: dict[str, nn.Module],
+    batch: int,
+    tokens: int,
+    rounds: int,
+    warmup: int,
+    trainable: dict[str, list[torch.Tensor]] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved training-step and inference times (ms) of every model on the same random ids;
+    "frozen model" is timed in eval mode as the floor."""
+    trainable = trainable or {}
+    ids = torch.randint(
+        0, SMOLLM2_135M.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)
+    )
+    for name, model in models.items():
+        model.train(name != "frozen model")
+    training = measure({n: train_step(m, ids, trainable.get(n)) for n, m in models.items()}, rounds, warmup)
+    for model in models.values():
+        model.eval()
+    inference = measure({n: inference_step(m, ids) for n, m in models.items()}, rounds, warmup)
+    return training, inference
+
+
+def step_tables(
+    training: dict[str, list[float]],
+    inference: dict[str, list[float]],
+    reference: str,
+    tokens: int | None = None,
+) -> list[str]:
+    return [
+        "## Training step (forward + backward)",
+        "",
+        *ratio_table(training, reference, decimals=0, tokens=tokens),
+        "",
+        "## Inference (one forward pass, no gradients)",
+        "",
+        *ratio_table(inference, reference, decimals=0, tokens=tokens),
+    ]
