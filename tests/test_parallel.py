@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) with the configs/_base trainer files: FSDP2 and DDP train a tiny MoLE
-model like one process does, FSDP2 resumes from its sharded checkpoint, and the adapters they
-export reload in one process."""
+model like one process does, FSDP2 resumes from its sharded checkpoint and compiles after
+sharding, and the adapters they export reload in one process."""
 
 import csv
 import subprocess
@@ -143,6 +143,18 @@ def test_sharded_checkpoint_holds_the_exported_adapter_and_nothing_frozen(runs, 
     assert {key.removeprefix("model.").replace(".adapter.", ".") for key in state} == set(exported)
     for key, value in state.items():
         torch.testing.assert_close(value, exported[key.removeprefix("model.").replace(".adapter.", ".")])
+
+
+@pytest.mark.slow
+def test_fsdp2_with_compile_trains_like_eager_fsdp2(runs, tmp_path, monkeypatch):
+    """`compile: true` compiles after sharding; the compiled sharded run equals the eager one."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = fit_two_processes(tmp_path / "compiled", "fsdp2", "--model.init_args.compile=true")
+    assert val_losses(compiled) == pytest.approx(val_losses(runs["fsdp2"]), rel=1e-4)
+    eager = read_safetensors(runs["fsdp2"] / "adapter/adapter_model.safetensors")
+    got = read_safetensors(compiled / "adapter/adapter_model.safetensors")
+    for key in eager:
+        torch.testing.assert_close(got[key], eager[key], rtol=1e-3, atol=1e-5)
 
 
 def test_fsdp2_strategy_reads_its_mixed_precision_policy():
