@@ -16,6 +16,7 @@ from .config import (
     mixlora_rules,
     mole_rules,
 )
+from .diffusers_interop import export_diffusers_lora
 from .errors import AdapterCheckpointError, AdapterConfigError, UserInputError
 from .inject import (
     InjectionReport,
@@ -26,7 +27,7 @@ from .inject import (
     unmerge_adapters,
 )
 from .layer import AdaptedLinear
-from .mixture import LoraMixtureAdapter
+from .mixture import LoraMixtureAdapter, set_mixture_weights
 from .peft_interop import export_peft, import_peft
 from .routing import RoutingCollector, RoutingRecord
 
@@ -47,6 +48,7 @@ __all__ = [
     "RoutingCollector",
     "RoutingRecord",
     "adapted_layers",
+    "export_diffusers_lora",
     "export_peft",
     "import_peft",
     "inject",
@@ -61,5 +63,6 @@ __all__ = [
     "routing_collector",
     "routing_statistics",
     "save_adapter",
+    "set_mixture_weights",
     "unmerge_adapters",
 ]

@@ -31,16 +31,32 @@ def write_adapter_folder(
     folder: str | os.PathLike, tensors: dict[str, Tensor], config: dict, overwrite: bool = False
 ) -> Path:
     """Write CONFIG_FILE + WEIGHTS_FILE atomically; an existing adapter is replaced only with `overwrite`."""
+    return write_folder_files(
+        folder, {WEIGHTS_FILE: tensors}, {CONFIG_FILE: json.dumps(config, indent=2)}, overwrite
+    )
+
+
+def write_folder_files(
+    folder: str | os.PathLike,
+    weights: dict[str, dict[str, Tensor]],
+    texts: dict[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write safetensors files (name -> tensors) and text files (name -> content) into `folder`,
+    each file appearing whole; if any of them exists, nothing is written unless `overwrite`."""
     folder = Path(folder)
-    if not overwrite and any((folder / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+    names = [*weights, *texts]
+    if not overwrite and any((folder / name).exists() for name in names):
         raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
-    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
     try:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
+        for name, tensors in weights.items():
+            tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+            save_file(tensors, staging / name, metadata={"format": "pt"})
+        for name, text in texts.items():
+            (staging / name).write_text(text)
+        for name in names:
             os.replace(staging / name, folder / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .backends import expert_backend
 from .config import LoraMixtureConfig
-from .errors import AdapterCheckpointError
+from .errors import AdapterCheckpointError, AdapterConfigError
 from .files import check_weight_fingerprint
 from .pretrained_lora import PretrainedLora, check_factor_shapes, read_pretrained_lora
 from .routing import RoutingCollector, RoutingRecord
@@ -158,6 +158,26 @@ class LoraMixtureAdapter(nn.Module):
     def delta_weight(self) -> Tensor:
         """The fixed mixture's dense [out, in] update: sum_k w_k B_k @ A_k."""
         return torch.einsum("k,kor,kri->oi", self.fixed_weights, self.expert_B, self.expert_A)
+
+
+@torch.no_grad()
+def set_mixture_weights(model: nn.Module, weights: list[float] | Tensor) -> int:
+    """Set the constant weights of every fixed-weight LoRA mixture in `model` (e.g. to switch the
+    active LoRA between denoising steps); returns how many layers changed. Gated mixtures are
+    left alone; a length other than their expert count is an error."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraMixtureAdapter) and module.gate is None:
+            new = torch.as_tensor(
+                weights, dtype=module.fixed_weights.dtype, device=module.fixed_weights.device
+            )
+            if new.shape != module.fixed_weights.shape:
+                raise AdapterConfigError(
+                    f"{len(new)} mixture weights given for {module.num_experts} experts ({module.layer_name})"
+                )
+            module.fixed_weights.copy_(new)
+            changed += 1
+    return changed
 
 
 def attach_pretrained_experts(layers: Mapping[str, nn.Module]) -> None:

@@ -25,7 +25,7 @@ from .lora import LoraAdapter
 from .pretrained_lora import PEFT_PREFIX, PeftLoraLayer, check_factor_shapes, read_peft_lora
 
 
-def _peft_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
+def peft_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
     """(A, B) such that scaling * B @ A is this adapter's update; PiSSA's offset becomes extra rank."""
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
     if adapter.has_pissa_offset:
@@ -51,7 +51,7 @@ def export_peft(
             raise AdapterConfigError(
                 f"PEFT export supports plain LoRA only; layer {name!r} has a {layer.config.kind!r} adapter"
             )
-        a, b = _peft_factors(layer.adapter)
+        a, b = peft_factors(layer.adapter)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
         ranks[name] = a.shape[0]
