@@ -55,7 +55,40 @@ MULTIMODAL_OVERRIDES = [
     "--data.init_args.eval_batch_size=3",
     "--data.init_args.cache_dir=cache",
 ]
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+    "norm_num_groups": 4,
+}
+TINY_TEXT_ENCODER = {
+    "model_type": "bert",
+    "vocab_size": 259,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
+DIFFUSION_OVERRIDES = [
+    "--model.init_args.unet_path=null",
+    "--model.init_args.unet_config=" + json.dumps(TINY_UNET),
+    "--model.init_args.text_encoder_config=" + json.dumps(TINY_TEXT_ENCODER),
+    "--model.init_args.tokenizer=bytes",
+    "--model.init_args.num_inference_steps=2",
+    "--data.init_args.source=digits",  # packaged, no download in tests
+    "--data.init_args.image_size=8",
+    "--data.init_args.train_size=16",
+    "--data.init_args.val_size=8",
+    "--data.init_args.batch_size=4",
+]
 TINY_RUN_OVERRIDES = {
+    "diffusion": DIFFUSION_OVERRIDES,
     "reasoning": REASONING_OVERRIDES,
     "mixtures": REASONING_OVERRIDES,
     "multimodal": MULTIMODAL_OVERRIDES,
