@@ -73,20 +73,26 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: the classes transformers marks as not to be split
-    (`_no_split_modules`), else the members of every `nn.ModuleList`."""
+    """The repeated blocks to shard one by one: the classes transformers and diffusers mark as not
+    to be split (`_no_split_modules`), else the members of every `nn.ModuleList`. Such classes
+    can nest (a diffusers up block holds transformer blocks), and FSDP2 units must be applied
+    from the inside out, so every block comes before the blocks that contain it."""
     block_names = {
         name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])
     }
     if block_names:
-        return [module for module in model.modules() if type(module).__name__ in block_names]
-    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+        blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    else:
+        blocks = [
+            block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module
+        ]
+    return blocks[::-1]  # modules() lists a container before its contents
 
 
 def shard_adapted_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
     """`fully_shard` the adapters, then the blocks, then the root, in place, over a 1-D mesh."""
     for _, layer in adapted_layers(model):
-        if any(True for _ in layer.adapter.parameters()):
+        if next(layer.adapter.parameters(), None) is not None:  # fixed-weight mixtures hold only buffers
             fully_shard(layer.adapter, mesh=mesh, mp_policy=policy)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)

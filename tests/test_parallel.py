@@ -13,6 +13,7 @@ import yaml
 
 from lightning_moe.adapters.files import read_safetensors
 from lightning_moe.cli import main
+from tests.conftest import TINY_UNET
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "configs/smoke/mole_tiny_llama.yaml"
@@ -168,12 +169,19 @@ def test_fsdp2_strategy_reads_its_mixed_precision_policy():
         FSDP2Strategy(param_dtype="bf16")
 
 
-def test_transformer_blocks_are_the_decoder_layers(tiny_llama_config):
+def test_transformer_blocks_come_inside_out(tiny_llama_config):
+    from diffusers import UNet2DConditionModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_moe.parallel import transformer_blocks
 
     model = LlamaForCausalLM(LlamaConfig(**tiny_llama_config))
-    assert transformer_blocks(model) == list(model.model.layers)
+    assert transformer_blocks(model) == list(model.model.layers)[::-1]
     plain = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]))
-    assert transformer_blocks(plain) == list(plain[0])
+    assert transformer_blocks(plain) == list(plain[0])[::-1]
+    unet = UNet2DConditionModel(**TINY_UNET)
+    blocks = transformer_blocks(unet)
+    for index, block in enumerate(blocks):  # nested blocks (a transformer block in an up block) first
+        inner = {id(m) for m in block.modules() if m is not block}
+        assert not any(id(other) in inner for other in blocks[index + 1 :])
+    assert any(type(b).__name__ == "BasicTransformerBlock" for b in blocks)
