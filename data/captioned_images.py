@@ -55,13 +55,24 @@ def _split(source: str, fashion_root: str | None) -> dict[str, ImageSet]:
     }
 
 
+def _pixels(images: ImageSet, image_size: int) -> torch.Tensor:
+    """uint8 [N, H, W] -> [N, 1, size, size] in [-1, 1]."""
+    pixels = torch.from_numpy(images.pixels).float().div(255).unsqueeze(1)
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return pixels.clamp(0, 1) * 2 - 1
+
+
+def object_names(source: str, class_names: list[str]) -> list[str]:
+    """What a judge calls the objects of a source: each Fashion-MNIST class, or one "handwritten
+    digit" for the digit sets (the digit concept is any digit)."""
+    return ["handwritten digit"] if source in CAPTION_NAMES else list(class_names)
+
+
 class CaptionedImages(torch.utils.data.Dataset):
     """(image [1, size, size] in [-1, 1], caption, label) with the styles applied."""
 
     def __init__(self, images: ImageSet, image_size: int, styles: list[str], caption_name: str) -> None:
-        pixels = torch.from_numpy(images.pixels).float().div(255).unsqueeze(1)
-        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", antialias=True)
-        self.images = pixels.clamp(0, 1) * 2 - 1
+        self.images = _pixels(images, image_size)
         for style in styles:
             self.images = STYLES[style](self.images)
         self.labels = torch.from_numpy(images.labels)
@@ -74,6 +85,25 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         label = int(self.labels[index])
         return {"image": self.images[index], "caption": self.captions[label], "label": label}
+
+
+def _check_source(source: str) -> None:
+    sources = ["fashion-mnist", "mnist-5k", "digits"]
+    if source not in sources:
+        raise UserInputError(f"source must be one of {sources}, got {source!r}")
+
+
+def _check_styles(styles: list[str]) -> None:
+    unknown = [style for style in styles if style not in STYLES]
+    if unknown:
+        raise UserInputError(f"unknown style {unknown[0]!r}; known styles: {sorted(STYLES)}")
+
+
+def _subset(images: ImageSet, size: int | None, generator: np.random.Generator) -> ImageSet:
+    if size is None or size >= len(images):
+        return images
+    keep = np.sort(generator.choice(len(images), size, replace=False))
+    return ImageSet(images.name, images.class_names, images.labels[keep], pixels=images.pixels[keep])
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
@@ -102,12 +132,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
         fashion_root: str | None = None,
     ) -> None:
         super().__init__()
-        sources = ["fashion-mnist", "mnist-5k", "digits"]
-        if source not in sources:
-            raise UserInputError(f"source must be one of {sources}, got {source!r}")
-        unknown = [style for style in styles or [] if style not in STYLES]
-        if unknown:
-            raise UserInputError(f"unknown style {unknown[0]!r}; known styles: {sorted(STYLES)}")
+        _check_source(source)
+        _check_styles(list(styles or []))
         self.source = source
         self.styles = list(styles or [])
         self.image_size = image_size
@@ -135,6 +161,109 @@ class CaptionedImageDataModule(L.LightningDataModule):
                     images.name, images.class_names, images.labels[keep], pixels=images.pixels[keep]
                 )
             self.splits[split] = CaptionedImages(images, self.image_size, self.styles, caption_name)
+
+    def train_dataloader(self) -> DataLoader:
+        examples = self.splits["train"]
+        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size)
+        return DataLoader(examples, batch_size=self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["val"], batch_size=self.batch_size)
+
+
+class StyledImages(torch.utils.data.Dataset):
+    """Images of several sources, each style drawn with probability 1/2 (fixed per image by
+    `seed`): (image, object label, one 0/1 flag per style), for training concept judges."""
+
+    def __init__(
+        self, sets: list[tuple[str, ImageSet]], image_size: int, styles: list[str], seed: int
+    ) -> None:
+        self.object_names: list[str] = []  # sources that name an object alike share its label
+        images, objects = [], []
+        for source, image_set in sets:
+            names = object_names(source, image_set.class_names)
+            for name in names:
+                if name not in self.object_names:
+                    self.object_names.append(name)
+            index = torch.tensor([self.object_names.index(name) for name in names])
+            labels = (
+                torch.from_numpy(image_set.labels)
+                if len(names) > 1
+                else torch.zeros(len(image_set), dtype=torch.long)
+            )
+            images.append(_pixels(image_set, image_size))
+            objects.append(index[labels])
+        self.images, self.objects = torch.cat(images), torch.cat(objects)
+        generator = torch.Generator().manual_seed(seed)
+        self.flags = torch.randint(0, 2, (len(self.objects), len(styles)), generator=generator)
+        for column, style in enumerate(styles):
+            chosen = self.flags[:, column].bool()
+            self.images[chosen] = STYLES[style](self.images[chosen])
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "image": self.images[index],
+            "object": self.objects[index],
+            "styles": self.flags[index].float(),
+        }
+
+
+class StyledImageDataModule(L.LightningDataModule):
+    """Images from several packaged sources with random styles, for the concept judges.
+
+    Args:
+        sources: Datasets to mix ("fashion-mnist", "mnist-5k", "digits").
+        styles: Styles each drawn on half of the images ("inverted", "framed").
+        image_size: Side of the square images.
+        train_size: Training images per source (None: all).
+        val_size: Validation images per source.
+        batch_size: Images per batch.
+        seed: Seed of the subsets, the styles and the shuffling.
+        fashion_root: A folder with Fashion-MNIST's IDX files (default: fetched into the cache).
+    """
+
+    def __init__(
+        self,
+        sources: list[str] | None = None,
+        styles: list[str] | None = None,
+        image_size: int = 32,
+        train_size: int | None = 10000,
+        val_size: int = 1000,
+        batch_size: int = 128,
+        seed: int = 0,
+        fashion_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.sources = list(sources or ["fashion-mnist", "mnist-5k"])
+        self.styles = list(styles if styles is not None else STYLES)
+        for source in self.sources:
+            _check_source(source)
+        _check_styles(self.styles)
+        self.image_size = image_size
+        self.sizes = {"train": train_size, "val": val_size}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.fashion_root = fashion_root
+        self.splits: dict[str, StyledImages] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        generator = np.random.default_rng(self.seed)
+        per_split: dict[str, list] = {"train": [], "val": []}
+        for source in self.sources:
+            for split, images in _split(source, self.fashion_root).items():
+                per_split[split].append((source, _subset(images, self.sizes[split], generator)))
+        for offset, (split, sets) in enumerate(per_split.items()):
+            self.splits[split] = StyledImages(sets, self.image_size, self.styles, self.seed + offset)
+
+    @property
+    def object_names(self) -> list[str]:
+        self.setup("fit")
+        return self.splits["train"].object_names
 
     def train_dataloader(self) -> DataLoader:
         examples = self.splits["train"]

@@ -87,8 +87,16 @@ DIFFUSION_OVERRIDES = [
     "--data.init_args.val_size=8",
     "--data.init_args.batch_size=4",
 ]
+JUDGE_OVERRIDES = [
+    "--data.init_args.sources=[digits]",  # packaged, no download in tests
+    "--data.init_args.image_size=16",
+    "--data.init_args.train_size=16",
+    "--data.init_args.val_size=8",
+    "--data.init_args.batch_size=4",
+]
 TINY_RUN_OVERRIDES = {
     "diffusion": DIFFUSION_OVERRIDES,
+    "judges": JUDGE_OVERRIDES,
     "reasoning": REASONING_OVERRIDES,
     "mixtures": REASONING_OVERRIDES,
     "multimodal": MULTIMODAL_OVERRIDES,
