@@ -106,7 +106,23 @@ def _subset(images: ImageSet, size: int | None, generator: np.random.Generator) 
     return ImageSet(images.name, images.class_names, images.labels[keep], pixels=images.pixels[keep])
 
 
-class CaptionedImageDataModule(L.LightningDataModule):
+class _ImageSplits(L.LightningDataModule):
+    """Loaders over `self.splits` ("train" shuffled resumably, "val" in order)."""
+
+    splits: dict[str, torch.utils.data.Dataset]
+    seed: int
+    batch_size: int
+
+    def train_dataloader(self) -> DataLoader:
+        examples = self.splits["train"]
+        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size)
+        return DataLoader(examples, batch_size=self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["val"], batch_size=self.batch_size)
+
+
+class CaptionedImageDataModule(_ImageSplits):
     """Captioned grayscale images from a packaged dataset, with optional styles.
 
     Args:
@@ -155,20 +171,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
         sizes = {"train": self.train_size, "val": self.val_size}
         caption_name = CAPTION_NAMES.get(self.source, "{}")
         for split, images in _split(self.source, self.fashion_root).items():
-            if sizes[split] is not None and sizes[split] < len(images):
-                keep = np.sort(generator.choice(len(images), sizes[split], replace=False))
-                images = ImageSet(
-                    images.name, images.class_names, images.labels[keep], pixels=images.pixels[keep]
-                )
+            images = _subset(images, sizes[split], generator)
             self.splits[split] = CaptionedImages(images, self.image_size, self.styles, caption_name)
-
-    def train_dataloader(self) -> DataLoader:
-        examples = self.splits["train"]
-        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size)
-        return DataLoader(examples, batch_size=self.batch_size, sampler=sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], batch_size=self.batch_size)
 
 
 class StyledImages(torch.utils.data.Dataset):
@@ -211,7 +215,7 @@ class StyledImages(torch.utils.data.Dataset):
         }
 
 
-class StyledImageDataModule(L.LightningDataModule):
+class StyledImageDataModule(_ImageSplits):
     """Images from several packaged sources with random styles, for the concept judges.
 
     Args:
@@ -264,11 +268,3 @@ class StyledImageDataModule(L.LightningDataModule):
     def object_names(self) -> list[str]:
         self.setup("fit")
         return self.splits["train"].object_names
-
-    def train_dataloader(self) -> DataLoader:
-        examples = self.splits["train"]
-        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size)
-        return DataLoader(examples, batch_size=self.batch_size, sampler=sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], batch_size=self.batch_size)

@@ -22,6 +22,7 @@ from lightning_moe.adapters import (
 )
 from lightning_moe.text_to_image import Composite, Merge, Switch, TextToImagePipeline
 from lightning_moe.tokenization import byte_tokenizer
+from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 PROMPTS = ["a shoe", "a digit seven"]
@@ -29,28 +30,14 @@ PROMPTS = ["a shoe", "a digit seven"]
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    return UNet2DConditionModel(**TINY_UNET)
 
 
 @pytest.fixture(scope="module")
 def parts():
     torch.manual_seed(0)
-    encoder = BertModel(
-        BertConfig(
-            vocab_size=259, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-        )
-    )
+    settings = {key: value for key, value in TINY_TEXT_ENCODER.items() if key != "model_type"}
+    encoder = BertModel(BertConfig(**settings))
     return tiny_unet(), encoder.eval(), byte_tokenizer()
 
 
