@@ -231,13 +231,14 @@ def test_auto_backend_layer_matches_loop(num_experts):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA grouped GEMM path needs a GPU")
 def test_auto_backend_takes_the_cuda_grouped_gemm_in_bf16():
-    x = torch.randn(4, IN_FEATURES, device="cuda", dtype=torch.bfloat16)
+    gpu = torch.device("cuda")
+    x = torch.randn(4, IN_FEATURES, device=gpu, dtype=torch.bfloat16)
     expected = "grouped" if torch.cuda.get_device_capability() >= (8, 0) else "dense"
     assert auto_backend(x, num_experts=8, top_k=1) == expected
     leaves, indices, projection = routing_problem(top_k=2, rank=8)
     reference = run_backend(BACKENDS["loop"], leaves, indices, projection)
-    cuda_leaves = {name: value.cuda() for name, value in leaves.items()}
-    result = run_backend(BACKENDS["grouped"], cuda_leaves, indices.cuda(), projection.cuda(), torch.bfloat16)
+    on_gpu = {name: value.to(gpu) for name, value in leaves.items()}
+    result = run_backend(BACKENDS["grouped"], on_gpu, indices.to(gpu), projection.to(gpu), torch.bfloat16)
     assert_results_close({k: v.cpu() for k, v in result.items()}, reference, rtol=5e-2, atol_fraction=3e-2)
 
 
