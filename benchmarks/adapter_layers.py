@@ -15,7 +15,6 @@ import argparse
 import copy
 import platform
 import shlex
-import statistics
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from timing import measure, publish
+from timing import measure, publish, ratio_table
 from torch import nn
 
 from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
@@ -120,23 +119,6 @@ def profile(step: Callable[[], None], steps: int = 10, rows: int = 12) -> list[s
     return lines
 
 
-def table(times: dict[str, list[float]], memory: dict[str, float], reference: str) -> list[str]:
-    base = statistics.median(times[reference])
-    rows = [
-        f"| variant | median ms | IQR ms | × {reference} | saved activations MB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, samples in times.items():
-        q1, _, q3 = statistics.quantiles(samples, n=4)
-        median = statistics.median(samples)
-        saved = memory.get(name.removesuffix(" (compiled)"))
-        rows.append(
-            f"| {name} | {median:.2f} | {q3 - q1:.2f} | {median / base:.2f} | "
-            f"{'' if saved is None else f'{saved:.1f}'} |"
-        )
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
@@ -192,7 +174,14 @@ def main() -> None:
                 "",
             ]
             steps = {name: step_fn(model, x) for name, model in models.items()}
-            lines += table(measure(steps, rounds, args.warmup), memory, "peft LoRA")
+            saved = {
+                name: f"{memory[name.removesuffix(' (compiled)')]:.1f}"
+                for name in models
+                if name.removesuffix(" (compiled)") in memory
+            }
+            lines += ratio_table(
+                measure(steps, rounds, args.warmup), "peft LoRA", columns={"saved activations MB": saved}
+            )
             for name in args.profile:
                 lines += ["", f"Where the time of `{name}` goes (torch.profiler, 10 steps):", ""]
                 lines += profile(steps[name])

@@ -24,24 +24,33 @@ def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> d
 
 
 def ratio_table(
-    times: dict[str, list[float]], reference: str, decimals: int = 2, tokens: int | None = None
+    times: dict[str, list[float]],
+    reference: str,
+    decimals: int = 2,
+    columns: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
-    """Median, interquartile range and ratio of medians to `reference`, one row per variant;
-    with `tokens` (per call) also the throughput in tokens per second."""
+    """Median, interquartile range and ratio of medians to `reference`, one row per variant,
+    plus `columns` (title -> text per variant; a variant without one gets an empty cell)."""
+    columns = columns or {}
     base = statistics.median(times[reference])
-    throughput = " tokens/s |" if tokens else ""
+    titles = "".join(f" {title} |" for title in columns)
     rows = [
-        f"| variant | median ms | IQR ms |{throughput} × {reference} |",
-        "|---|---:|---:|" + "---:|" * (2 if tokens else 1),
+        f"| variant | median ms | IQR ms | × {reference} |{titles}",
+        "|---|---:|---:|---:|" + "---:|" * len(columns),
     ]
     for name, samples in times.items():
         q1, _, q3 = statistics.quantiles(samples, n=4)
         median = statistics.median(samples)
-        rate = f" {tokens / median * 1e3:.0f} |" if tokens else ""
+        cells = "".join(f" {column.get(name, '')} |" for column in columns.values())
         rows.append(
-            f"| {name} | {median:.{decimals}f} | {q3 - q1:.{decimals}f} |{rate} {median / base:.2f} |"
+            f"| {name} | {median:.{decimals}f} | {q3 - q1:.{decimals}f} | {median / base:.2f} |{cells}"
         )
     return rows
+
+
+def tokens_per_second(times: dict[str, list[float]], tokens: int) -> dict[str, str]:
+    """Throughput of each variant from its median time per call of `tokens` tokens."""
+    return {name: f"{tokens / statistics.median(samples) * 1e3:.0f}" for name, samples in times.items()}
 
 
 def publish(lines: list[str], output: Path | None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timing import measure, ratio_table
+from timing import measure, ratio_table, tokens_per_second
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,12 +83,17 @@ def step_tables(
     reference: str,
     tokens: int | None = None,
 ) -> list[str]:
+    """Training and inference tables; with `tokens` (per call) also tokens per second."""
+
+    def throughput(times: dict[str, list[float]]) -> dict[str, dict[str, str]]:
+        return {"tokens/s": tokens_per_second(times, tokens)} if tokens else {}
+
     return [
         "## Training step (forward + backward)",
         "",
-        *ratio_table(training, reference, decimals=0, tokens=tokens),
+        *ratio_table(training, reference, decimals=0, columns=throughput(training)),
         "",
         "## Inference (one forward pass, no gradients)",
         "",
-        *ratio_table(inference, reference, decimals=0, tokens=tokens),
+        *ratio_table(inference, reference, decimals=0, columns=throughput(inference)),
     ]

@@ -25,6 +25,16 @@ from lightning_moe.adapters.errors import UserInputError
 NoisePrediction = Callable[[], Tensor]
 
 
+@torch.no_grad()
+def encode_text(
+    tokenizer, text_encoder: nn.Module, texts: list[str], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Token states [B, T, width] and their attention mask [B, T] (texts padded together)."""
+    tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+    states = text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0]
+    return states, tokens["attention_mask"]
+
+
 class Composition:
     """How the LoRAs of a fixed-weight mixture combine into one noise prediction at a step."""
 
@@ -88,12 +98,8 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae
         )
 
-    @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Token states [B, T, width] and their attention mask [B, T] (prompts padded together)."""
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        states = self.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0]
-        return states, tokens["attention_mask"]
+        return encode_text(self.tokenizer, self.text_encoder, prompts, self.device)
 
     @torch.no_grad()
     def __call__(

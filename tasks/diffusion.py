@@ -27,7 +27,7 @@ from lightning_moe.adapters import export_diffusers_lora
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.assets import resolve_pretrained
 from lightning_moe.module import AdapterModule
-from lightning_moe.text_to_image import TextToImagePipeline
+from lightning_moe.text_to_image import TextToImagePipeline, encode_text
 from lightning_moe.tokenization import load_tokenizer
 
 UNET_FOLDER = "unet"
@@ -130,6 +130,7 @@ class TextToImageTask(AdapterModule):
         self.model_seed = model_seed
         self.cache_dir = cache_dir
         self.caption_states: dict[str, Tensor] = {}
+        self.evaluation_noise: torch.Generator | None = None
         self.noise_schedule = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, prediction_type=prediction_type
         )
@@ -167,15 +168,9 @@ class TextToImageTask(AdapterModule):
         (one per class and style), so each distinct caption is encoded once and cached."""
         missing = [caption for caption in dict.fromkeys(captions) if caption not in self.caption_states]
         if missing:
-            tokens = self.tokenizer(missing, padding=True, truncation=True, return_tensors="pt").to(
-                self.device
-            )
-            with torch.no_grad():
-                states = self.model.text_encoder(
-                    input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-                )[0]
+            states, mask = encode_text(self.tokenizer, self.model.text_encoder, missing, self.device)
             for row, caption in enumerate(missing):
-                self.caption_states[caption] = states[row, : int(tokens["attention_mask"][row].sum())]
+                self.caption_states[caption] = states[row, : int(mask[row].sum())]
         rows = [self.caption_states[caption] for caption in captions]
         lengths = torch.tensor([len(row) for row in rows], device=self.device)
         mask = (torch.arange(int(lengths.max()), device=self.device) < lengths[:, None]).long()
@@ -183,8 +178,7 @@ class TextToImageTask(AdapterModule):
 
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         images, captions = batch["image"], list(batch["caption"])
-        # evaluation draws the same noise every time, so validation losses compare across epochs
-        generator = None if self.training else torch.Generator(self.device).manual_seed(len(captions))
+        generator = None if self.training else self.evaluation_noise
         if self.training and self.caption_dropout > 0:
             drop = torch.rand(len(captions)) < self.caption_dropout
             captions = [
@@ -219,6 +213,13 @@ class TextToImageTask(AdapterModule):
         return clipped / snr
 
     # --- samples ------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        # every validation draws the same noise and timesteps, so its losses compare across epochs
+        self.evaluation_noise = torch.Generator(self.device).manual_seed(self.model_seed)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
     def on_validation_epoch_end(self) -> None:
         if not self.sample_prompts or not isinstance(self.logger, TensorBoardLogger):
             return
