@@ -5,7 +5,8 @@ drawn on the image and named in the caption: "a sneaker, inverted, framed". Styl
 by eye and by a classifier, which is how composed concept LoRAs are judged:
 
 - `inverted`: dark strokes on a light ground (1 - x);
-- `framed`: a white border FRAME_WIDTH pixels wide.
+- `framed`: a mid-grey border FRAME_WIDTH pixels wide. Grey shows on a dark ground and on an
+  inverted, light one alike, and inverting it leaves it grey, so the two styles commute.
 
 Images are grayscale, resized to `image_size`, and scaled to [-1, 1] as the UNet sees them.
 Splits are fixed: Fashion-MNIST has its own test split; MNIST-5k and the sklearn digits keep
@@ -15,12 +16,13 @@ every fifth image for validation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, sklearn_digits
@@ -35,8 +37,8 @@ def invert(images: torch.Tensor) -> torch.Tensor:
 
 def frame(images: torch.Tensor) -> torch.Tensor:
     framed = images.clone()
-    framed[..., :FRAME_WIDTH, :] = framed[..., -FRAME_WIDTH:, :] = 1.0
-    framed[..., :, :FRAME_WIDTH] = framed[..., :, -FRAME_WIDTH:] = 1.0
+    framed[..., :FRAME_WIDTH, :] = framed[..., -FRAME_WIDTH:, :] = 0.0
+    framed[..., :, :FRAME_WIDTH] = framed[..., :, -FRAME_WIDTH:] = 0.0
     return framed
 
 
@@ -55,11 +57,22 @@ def _split(source: str, fashion_root: str | None) -> dict[str, ImageSet]:
     }
 
 
+def source_class_names(source: str, fashion_root: str | None = None) -> list[str]:
+    return _split(source, fashion_root)["train"].class_names
+
+
 def _pixels(images: ImageSet, image_size: int) -> torch.Tensor:
     """uint8 [N, H, W] -> [N, 1, size, size] in [-1, 1]."""
     pixels = torch.from_numpy(images.pixels).float().div(255).unsqueeze(1)
     pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", antialias=True)
     return pixels.clamp(0, 1) * 2 - 1
+
+
+def caption(source: str, class_name: str, styles: list[str]) -> str:
+    """The caption of an image of `class_name` from `source` drawn with `styles`."""
+    return f"a {CAPTION_NAMES.get(source, '{}').format(class_name)}" + "".join(
+        f", {style}" for style in styles
+    )
 
 
 def object_names(source: str, class_names: list[str]) -> list[str]:
@@ -71,13 +84,12 @@ def object_names(source: str, class_names: list[str]) -> list[str]:
 class CaptionedImages(torch.utils.data.Dataset):
     """(image [1, size, size] in [-1, 1], caption, label) with the styles applied."""
 
-    def __init__(self, images: ImageSet, image_size: int, styles: list[str], caption_name: str) -> None:
+    def __init__(self, images: ImageSet, image_size: int, styles: list[str], source: str) -> None:
         self.images = _pixels(images, image_size)
         for style in styles:
             self.images = STYLES[style](self.images)
         self.labels = torch.from_numpy(images.labels)
-        suffix = "".join(f", {style}" for style in styles)
-        self.captions = [f"a {caption_name.format(name)}{suffix}" for name in images.class_names]
+        self.captions = [caption(source, name, styles) for name in images.class_names]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,13 +99,13 @@ class CaptionedImages(torch.utils.data.Dataset):
         return {"image": self.images[index], "caption": self.captions[label], "label": label}
 
 
-def _check_source(source: str) -> None:
+def check_source(source: str) -> None:
     sources = ["fashion-mnist", "mnist-5k", "digits"]
     if source not in sources:
         raise UserInputError(f"source must be one of {sources}, got {source!r}")
 
 
-def _check_styles(styles: list[str]) -> None:
+def check_styles(styles: list[str]) -> None:
     unknown = [style for style in styles if style not in STYLES]
     if unknown:
         raise UserInputError(f"unknown style {unknown[0]!r}; known styles: {sorted(STYLES)}")
@@ -148,8 +160,8 @@ class CaptionedImageDataModule(_ImageSplits):
         fashion_root: str | None = None,
     ) -> None:
         super().__init__()
-        _check_source(source)
-        _check_styles(list(styles or []))
+        check_source(source)
+        check_styles(list(styles or []))
         self.source = source
         self.styles = list(styles or [])
         self.image_size = image_size
@@ -160,19 +172,62 @@ class CaptionedImageDataModule(_ImageSplits):
         self.fashion_root = fashion_root
         self.splits: dict[str, CaptionedImages] = {}
 
-    @property
-    def class_names(self) -> list[str]:
-        return _split(self.source, self.fashion_root)["train"].class_names
-
     def setup(self, stage: str) -> None:
         if self.splits:
             return
         generator = np.random.default_rng(self.seed)
         sizes = {"train": self.train_size, "val": self.val_size}
-        caption_name = CAPTION_NAMES.get(self.source, "{}")
         for split, images in _split(self.source, self.fashion_root).items():
             images = _subset(images, sizes[split], generator)
-            self.splits[split] = CaptionedImages(images, self.image_size, self.styles, caption_name)
+            self.splits[split] = CaptionedImages(images, self.image_size, self.styles, self.source)
+
+
+class CaptionedImageMix(_ImageSplits):
+    """Several captioned image sets as one, e.g. the training sets of several concept LoRAs, on
+    which a gate over those LoRAs learns when to use which.
+
+    Args:
+        parts: One dict per set with `CaptionedImageDataModule` arguments (source, styles,
+            train_size, val_size).
+        image_size: Side of the square images, for every part.
+        batch_size: Images per batch.
+        seed: Seed of the shuffling and of each part's subsets.
+        fashion_root: A folder with Fashion-MNIST's IDX files (default: fetched into the cache).
+    """
+
+    def __init__(
+        self,
+        parts: list[dict[str, Any]],
+        image_size: int = 32,
+        batch_size: int = 64,
+        seed: int = 0,
+        fashion_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not parts:
+            raise UserInputError("CaptionedImageMix needs at least one part, got parts=[]")
+        allowed = {"source", "styles", "train_size", "val_size"}
+        for part in parts:
+            if not set(part) <= allowed:
+                raise UserInputError(
+                    f"unknown keys {sorted(set(part) - allowed)} in part {part}; a part takes {sorted(allowed)}"
+                )
+        self.parts = [
+            CaptionedImageDataModule(**part, image_size=image_size, seed=seed, fashion_root=fashion_root)
+            for part in parts
+        ]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.splits: dict[str, ConcatDataset] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        for part in self.parts:
+            part.setup(stage)
+        self.splits = {
+            split: ConcatDataset([part.splits[split] for part in self.parts]) for split in ("train", "val")
+        }
 
 
 class StyledImages(torch.utils.data.Dataset):
@@ -244,8 +299,8 @@ class StyledImageDataModule(_ImageSplits):
         self.sources = list(sources or ["fashion-mnist", "mnist-5k"])
         self.styles = list(styles if styles is not None else STYLES)
         for source in self.sources:
-            _check_source(source)
-        _check_styles(self.styles)
+            check_source(source)
+        check_styles(self.styles)
         self.image_size = image_size
         self.sizes = {"train": train_size, "val": val_size}
         self.batch_size = batch_size

@@ -10,7 +10,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torchvision.utils import make_grid, save_image
 
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.module import AdapterModule
@@ -77,7 +79,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices
     ) -> None:
-        records = [record for batch in predictions for record in batch]
+        self.write_records(trainer, [record for batch in predictions for record in batch])
+
+    def write_records(self, trainer: L.Trainer, records: list[dict]) -> None:
         target = self._target(trainer)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial")
@@ -130,3 +134,36 @@ class BeforeAfterTable(L.Callback):
         folder = _run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "before_after.md").write_text(table + "\n")
+
+
+class ImagePredictionWriter(JsonlPredictionWriter):
+    """For predictions that carry an "image" ([C, H, W] in [0, 1]): the images as one PNG grid
+    next to the jsonl file (same name, .png) and in TensorBoard; the rest of each record as jsonl.
+
+    Args:
+        path: The jsonl file; default: "predictions.jsonl" in the run's log directory. Neither
+            it nor the PNG is ever overwritten.
+        nrow: Images per grid row.
+    """
+
+    def __init__(self, path: str | None = None, nrow: int = 10) -> None:
+        super().__init__(path)
+        self.nrow = nrow
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        grid = self._target(trainer).with_suffix(".png")
+        if stage == "predict" and grid.exists():
+            raise UserInputError(f"image grid {grid} exists; choose another path")
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices
+    ) -> None:
+        records = [dict(record) for batch in predictions for record in batch]
+        grid = make_grid([record.pop("image") for record in records], nrow=self.nrow, pad_value=0.5)
+        target = self._target(trainer).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, target)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_image("predictions", grid, trainer.global_step)
+        self.write_records(trainer, records)

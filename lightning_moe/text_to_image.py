@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_moe.adapters import set_mixture_weights
 from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.adapters.mixture import fixed_mixture_size
 
 NoisePrediction = Callable[[], Tensor]
 
@@ -48,12 +49,13 @@ def one_hot(index: int, count: int) -> list[float]:
 
 @dataclass
 class Merge(Composition):
-    """One network with the weighted sum of the LoRAs' updates (sum_k w_k B_k A_k)."""
+    """One network with the weighted sum of the LoRAs' updates (sum_k w_k B_k A_k); without
+    weights every LoRA counts fully (w_k = 1), as when LoRAs are loaded together."""
 
-    weights: list[float]
+    weights: list[float] | None = None
 
     def predict(self, unet: nn.Module, predict_noise: NoisePrediction, step: int) -> Tensor:
-        set_mixture_weights(unet, self.weights)
+        set_mixture_weights(unet, self.weights or [1.0] * fixed_mixture_size(unet))
         return predict_noise()
 
 
@@ -61,11 +63,15 @@ class Merge(Composition):
 class Switch(Composition):
     """One LoRA active at a time, the next one every `every` denoising steps, round robin."""
 
-    num_loras: int
     every: int = 1
 
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise UserInputError(f"Switch(every) must be >= 1 denoising step, got every={self.every}")
+
     def predict(self, unet: nn.Module, predict_noise: NoisePrediction, step: int) -> Tensor:
-        set_mixture_weights(unet, one_hot(step // self.every % self.num_loras, self.num_loras))
+        count = fixed_mixture_size(unet)
+        set_mixture_weights(unet, one_hot(step // self.every % count, count))
         return predict_noise()
 
 
@@ -73,15 +79,14 @@ class Switch(Composition):
 class Composite(Composition):
     """Every LoRA predicts the noise on its own; the predictions are averaged (before guidance)."""
 
-    num_loras: int
-
     def predict(self, unet: nn.Module, predict_noise: NoisePrediction, step: int) -> Tensor:
+        count = fixed_mixture_size(unet)
         total = None
-        for index in range(self.num_loras):
-            set_mixture_weights(unet, one_hot(index, self.num_loras))
+        for index in range(count):
+            set_mixture_weights(unet, one_hot(index, count))
             noise = predict_noise()
             total = noise if total is None else total + noise
-        return total / self.num_loras
+        return total / count
 
 
 class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):

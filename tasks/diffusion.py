@@ -8,10 +8,15 @@ in the layout diffusers' `load_lora_weights` reads. The loss is the usual one: n
 or velocity prediction at a uniformly drawn timestep, optionally min-SNR weighted; captions are
 dropped at `caption_dropout` so classifier-free guidance has an unconditional model. Every
 validation logs a grid of samples for `sample_prompts` to TensorBoard.
+
+`predict` samples the prompts of a `ConceptPromptDataModule` with several concept LoRAs composed
+(`composition`: merge, switch or composite over a fixed-weight mixture; none for a trained gate)
+and, given a concept judge, records per image whether each prompted concept shows.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +32,8 @@ from lightning_moe.adapters import export_diffusers_lora
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.assets import resolve_pretrained
 from lightning_moe.module import AdapterModule
-from lightning_moe.text_to_image import TextToImagePipeline, encode_text
+from lightning_moe.tasks.concept_judge import ConceptJudge, load_concept_judge
+from lightning_moe.text_to_image import Composition, TextToImagePipeline, encode_text
 from lightning_moe.tokenization import load_tokenizer
 
 UNET_FOLDER = "unet"
@@ -89,7 +95,11 @@ class TextToImageTask(AdapterModule):
         sample_prompts: Prompts whose samples are logged after every validation.
         num_inference_steps: Denoising steps of those samples (DDIM).
         guidance_scale: Classifier-free guidance of those samples.
-        model_seed: Seed of a new UNet's initialisation and of the logged samples.
+        model_seed: Seed of a new UNet's initialisation and of the logged samples; prediction
+            batch i starts from the noise of seed model_seed + i.
+        composition: How `predict` combines the LoRAs of a fixed-weight mixture (`Merge`,
+            `Switch`, `Composite` from lightning_moe.text_to_image); None samples the model as is.
+        judge_path: A trained concept judge folder; `predict` then records concept presence.
         cache_dir: Where packaged assets are cached.
         **kwargs: Adapter and optimisation settings of `AdapterModule`.
     """
@@ -110,6 +120,8 @@ class TextToImageTask(AdapterModule):
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
         model_seed: int = 0,
+        composition: Composition | None = None,
+        judge_path: str | None = None,
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -128,6 +140,8 @@ class TextToImageTask(AdapterModule):
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.model_seed = model_seed
+        self.composition = composition
+        self.judge_path = judge_path
         self.cache_dir = cache_dir
         self.caption_states: dict[str, Tensor] = {}
         self.evaluation_noise: torch.Generator | None = None
@@ -159,7 +173,9 @@ class TextToImageTask(AdapterModule):
                 self.model.unet.save_pretrained(Path(folder) / UNET_FOLDER)
             return
         super().export_adapter(folder, base_model, overwrite)
-        if self.global_rank == 0:
+        # diffusers loads plain LoRAs only; a gate over LoRAs stays in our format
+        plain_lora = all(rule.adapter.kind == "lora" for rule in self.adapter_rules)
+        if self.global_rank == 0 and plain_lora:
             export_diffusers_lora(self.model.unet, folder, overwrite=overwrite)
 
     # --- loss ---------------------------------------------------------------------------------
@@ -227,8 +243,8 @@ class TextToImageTask(AdapterModule):
         grid = make_grid(images, nrow=len(self.sample_prompts), pad_value=0.5)
         self.logger.experiment.add_image("samples", grid, self.global_step)
 
-    def sample(self, prompts: list[str], composition=None) -> Tensor:
-        generator = torch.Generator(self.device).manual_seed(self.model_seed)
+    def sample(self, prompts: list[str], composition: Composition | None = None, seed: int = 0) -> Tensor:
+        generator = torch.Generator(self.device).manual_seed(self.model_seed + seed)
         return self.pipeline()(
             prompts,
             num_inference_steps=self.num_inference_steps,
@@ -236,3 +252,59 @@ class TextToImageTask(AdapterModule):
             generator=generator,
             composition=composition,
         )
+
+    # --- composed concepts --------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        # kept out of the module tree: the judge is neither part of the model nor of its checkpoints
+        judge = load_concept_judge(self.judge_path).to(self.device) if self.judge_path else None
+        self.__dict__["concept_judge"] = judge
+        prompts = getattr(self.trainer.datamodule, "prompts", None) if judge is not None else None
+        known = set(judge.object_names + judge.style_names) if judge is not None else set()
+        for item in prompts or []:
+            unknown = [concept for concept in [item["object"], *item["styles"]] if concept not in known]
+            if unknown:
+                raise UserInputError(
+                    f"the concept judge in {self.judge_path} cannot judge {unknown[0]!r}; it knows the "
+                    f"objects {judge.object_names} and the styles {judge.style_names}"
+                )
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per prompt: the image, its sampling cost and, with a judge, which concepts show."""
+        start = time.perf_counter()
+        images = self.sample(batch["prompt"], self.composition, seed=batch_idx)
+        seconds = (time.perf_counter() - start) / len(images)
+        records = [
+            {"prompt": prompt, "image": image.cpu(), "seconds_per_image": seconds}
+            for prompt, image in zip(batch["prompt"], images, strict=True)
+        ]
+        if self.concept_judge is not None:
+            verdicts = self.concept_judge.judge(images * 2 - 1)
+            for row, record in enumerate(records):
+                record |= concept_presence(
+                    self.concept_judge, verdicts, row, batch["object"][row], batch["styles"][row]
+                )
+        return records
+
+
+def concept_presence(
+    judge: ConceptJudge,
+    verdicts: dict[str, Tensor],
+    row: int,
+    expected_object: str,
+    expected_styles: list[str],
+) -> dict[str, Any]:
+    """What the judge saw on image `row`, and whether each prompted concept is there."""
+    seen_object = judge.object_names[int(verdicts["object"][row])]
+    seen_styles = [name for name in judge.style_names if verdicts[name][row]]
+    found = {"object_present": seen_object == expected_object} | {
+        f"{style}_present": style in seen_styles for style in expected_styles
+    }
+    unprompted = [style for style in seen_styles if style not in expected_styles]
+    return (
+        {"judged_object": seen_object, "judged_styles": seen_styles}
+        | found
+        | {
+            "all_present": all(found.values()),
+            "unprompted_style": bool(unprompted),
+        }
+    )

@@ -81,12 +81,28 @@ DIFFUSION_OVERRIDES = [
     "--model.init_args.text_encoder_config=" + json.dumps(TINY_TEXT_ENCODER),
     "--model.init_args.tokenizer=bytes",
     "--model.init_args.num_inference_steps=2",
-    "--data.init_args.source=digits",  # packaged, no download in tests
-    "--data.init_args.image_size=8",
-    "--data.init_args.train_size=16",
-    "--data.init_args.val_size=8",
-    "--data.init_args.batch_size=4",
 ]
+# per data module of a diffusion config: packaged digits (no download in tests), 8 px, few images
+TINY_DIGITS = "{source: digits, train_size: 16, val_size: 8}"
+DIFFUSION_DATA_OVERRIDES = {
+    "CaptionedImageDataModule": [
+        "--data.init_args.source=digits",
+        "--data.init_args.image_size=8",
+        "--data.init_args.train_size=16",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+    ],
+    "CaptionedImageMix": [
+        f"--data.init_args.parts=[{TINY_DIGITS}, {TINY_DIGITS[:-1]}, styles: [inverted]}}]",
+        "--data.init_args.image_size=8",
+        "--data.init_args.batch_size=4",
+    ],
+    "ConceptPromptDataModule": [
+        "--data.init_args.source=digits",
+        "--data.init_args.samples_per_prompt=1",
+        "--data.init_args.batch_size=5",
+    ],
+}
 JUDGE_OVERRIDES = [
     "--data.init_args.sources=[digits]",  # packaged, no download in tests
     "--data.init_args.image_size=16",
@@ -95,7 +111,6 @@ JUDGE_OVERRIDES = [
     "--data.init_args.batch_size=4",
 ]
 TINY_RUN_OVERRIDES = {
-    "diffusion": DIFFUSION_OVERRIDES,
     "judges": JUDGE_OVERRIDES,
     "reasoning": REASONING_OVERRIDES,
     "mixtures": REASONING_OVERRIDES,
@@ -104,8 +119,8 @@ TINY_RUN_OVERRIDES = {
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def expert_folders(config_dir: Path) -> set[str]:
-    """Every expert adapter folder the YAML files in `config_dir` refer to."""
+def expert_folders(configs) -> set[str]:
+    """Every expert adapter folder the YAML files `configs` refer to."""
 
     def collect(node) -> set[str]:
         if isinstance(node, dict):
@@ -115,7 +130,7 @@ def expert_folders(config_dir: Path) -> set[str]:
             return set().union(*(collect(value) for value in node))
         return set()
 
-    return set().union(*(collect(yaml.safe_load(path.read_text())) for path in config_dir.glob("*.yaml")))
+    return set().union(*(collect(yaml.safe_load(path.read_text())) for path in configs))
 
 
 def write_tiny_experts(folders, seed: int = 0) -> None:
@@ -143,15 +158,72 @@ def tiny_llama_config() -> dict:
     return dict(TINY_LLAMA)
 
 
+def config_files(config: Path) -> list[Path]:
+    """The YAML files a config's first-line command composes (the config itself if none)."""
+    first_line = config.read_text().splitlines()[0]
+    named = [config.parents[2] / word for word in first_line.split() if word.endswith(".yaml")]
+    return named or [config]
+
+
+def diffusion_overrides(config: Path) -> list[str]:
+    """Tiny UNet and text encoder, tiny data for the config's data module; writes tiny concept
+    LoRAs, a gate over them and a judge wherever the diffusion configs look for them."""
+    data_class, gate = None, None
+    for path in config_files(config):
+        settings = yaml.safe_load(path.read_text())
+        data_class = settings.get("data", {}).get("class_path", data_class)
+        gate = settings["model"]["init_args"].get("adapter_path", gate)
+    write_tiny_diffusion_files(sorted(expert_folders(config_files(config))), gate)
+    return DIFFUSION_OVERRIDES + DIFFUSION_DATA_OVERRIDES[data_class.rsplit(".", 1)[-1]]
+
+
+def write_tiny_diffusion_files(experts: list[str], gate: str | None) -> None:
+    import torch
+
+    from lightning_moe.adapters import AdapterRule, LoraConfig, XLoraConfig, inject, save_adapter
+    from lightning_moe.tasks.concept_judge import ConceptJudge, save_concept_judge
+    from lightning_moe.tasks.diffusion import TextToImageModel, build_text_encoder, build_unet
+
+    def tiny_model() -> TextToImageModel:  # layer names as the task's model has them: "unet.…"
+        return TextToImageModel(
+            build_unet(None, TINY_UNET, seed=0), build_text_encoder(None, TINY_TEXT_ENCODER, None)
+        )
+
+    attention = ["to_q", "to_k", "to_v", "to_out.0"]
+    for index, folder in enumerate(experts):
+        if not Path(folder).exists():
+            model = tiny_model()
+            rules = [AdapterRule(targets=attention, adapter=LoraConfig(rank=2))]
+            inject(model, rules)
+            torch.manual_seed(index)
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.data.normal_(std=0.1)
+            save_adapter(model, rules, folder, base_model="tiny")
+    if gate is not None and not Path(gate).exists():
+        model = tiny_model()
+        rules = [AdapterRule(targets=attention, adapter=XLoraConfig(experts=experts))]
+        inject(model, rules)
+        save_adapter(model, rules, gate, base_model="tiny")
+    if not Path("runs/judges/concept_judge").exists():
+        judge = ConceptJudge("resnet10t", ["handwritten digit"], ["inverted", "framed"], seed=0)
+        save_concept_judge(judge, "resnet10t", "runs/judges/concept_judge")
+
+
 @pytest.fixture
 def tiny_run_overrides():
     """The overrides that make a config's test run use a tiny model (none for tiny configs).
-    For mixture configs it also writes tiny expert LoRAs where they look for experts."""
+    For mixture and diffusion configs it also writes tiny expert LoRAs (and the diffusion gate
+    and judge) where the configs look for them."""
 
     def overrides(config: Path) -> list[str]:
         if config.parent.name == "mixtures":
-            missing = {folder for folder in expert_folders(config.parent) if not Path(folder).exists()}
+            missing = {
+                folder for folder in expert_folders(config.parent.glob("*.yaml")) if not Path(folder).exists()
+            }
             write_tiny_experts(missing)
+        if config.parent.name == "diffusion":
+            return diffusion_overrides(config)
         return TINY_RUN_OVERRIDES.get(config.parent.name, [])
 
     return overrides

@@ -20,6 +20,7 @@ from lightning_moe.adapters import (
     load_adapter,
     save_adapter,
 )
+from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.text_to_image import Composite, Merge, Switch, TextToImagePipeline
 from lightning_moe.tokenization import byte_tokenizer
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET
@@ -111,7 +112,7 @@ def test_diffusers_load_lora_weights_gives_our_images(parts, tmp_path):
 
 def test_switch_with_one_lora_equals_that_lora(parts, lora_folders):
     expected = single_lora_images(parts, lora_folders[0])
-    result = sample(mixture_pipeline(parts, lora_folders[:1], [1.0]), Switch(num_loras=1, every=2))
+    result = sample(mixture_pipeline(parts, lora_folders[:1], [1.0]), Switch(every=2))
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -127,7 +128,7 @@ def test_composite_of_a_lora_with_its_copy_equals_that_lora(parts, lora_folders,
     expected = single_lora_images(parts, lora_folders[1])
     shutil.copytree(lora_folders[1], tmp_path / "copy")
     folders = [lora_folders[1], str(tmp_path / "copy")]
-    result = sample(mixture_pipeline(parts, folders, [0.5, 0.5]), Composite(num_loras=2))
+    result = sample(mixture_pipeline(parts, folders, [0.5, 0.5]), Composite())
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -138,13 +139,18 @@ def test_compositions_set_the_weights_they_promise(parts, lora_folders):
     def weights_now() -> torch.Tensor:
         return next(m for m in unet.modules() if hasattr(m, "fixed_weights")).fixed_weights.clone()
 
-    switch = Switch(num_loras=2, every=2)
+    switch = Switch(every=2)
     seen = [switch.predict(unet, weights_now, step).tolist() for step in range(5)]
     assert seen == [[1, 0], [1, 0], [0, 1], [0, 1], [1, 0]]
-    assert Composite(num_loras=2).predict(unet, weights_now, 0).tolist() == [0.5, 0.5]
+    assert Composite().predict(unet, weights_now, 0).tolist() == [0.5, 0.5]
     assert Merge([0.3, 0.7]).predict(unet, weights_now, 0).tolist() == pytest.approx([0.3, 0.7])
+    assert Merge().predict(unet, weights_now, 0).tolist() == [1.0, 1.0]
     with pytest.raises(AdapterConfigError, match="3 mixture weights given for 2 experts"):
         Merge([0.2, 0.3, 0.5]).predict(unet, weights_now, 0)
+    with pytest.raises(AdapterConfigError, match="fixed-weight LoRA mixtures"):
+        Composite().predict(parts[0], weights_now, 0)
+    with pytest.raises(UserInputError, match="every=0"):
+        Switch(every=0)
 
 
 def test_diffusers_export_refuses_what_diffusers_cannot_load(parts, lora_folders, tmp_path):

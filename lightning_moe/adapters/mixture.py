@@ -180,6 +180,21 @@ def set_mixture_weights(model: nn.Module, weights: list[float] | Tensor) -> int:
     return changed
 
 
+def fixed_mixture_size(model: nn.Module) -> int:
+    """How many LoRAs the fixed-weight mixtures of `model` hold (one count for all of them)."""
+    counts = {
+        module.num_experts
+        for module in model.modules()
+        if isinstance(module, LoraMixtureAdapter) and module.gate is None
+    }
+    if len(counts) != 1:
+        raise AdapterConfigError(
+            "composing LoRAs needs fixed-weight LoRA mixtures (kind: xlora with fixed_weights) of one "
+            f"expert count; the model has expert counts {sorted(counts)}"
+        )
+    return counts.pop()
+
+
 def attach_pretrained_experts(layers: Mapping[str, nn.Module]) -> None:
     """Read each mixture's expert folders once and pack them into its layers.
 

@@ -1,14 +1,23 @@
-"""The text-to-image task on a tiny UNet: its loss pieces, caption cache and exports."""
+"""The text-to-image task on a tiny UNet: its loss pieces, caption cache, exports, and the judged
+predictions of composed concept LoRAs."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from lightning_moe.adapters import AdapterRule, LoraConfig
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.adapters.files import read_safetensors
-from lightning_moe.tasks.diffusion import TextToImageTask
+from lightning_moe.tasks.concept_judge import ConceptJudge, save_concept_judge
+from lightning_moe.tasks.diffusion import TextToImageTask, concept_presence
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET
+
+REPO = Path(__file__).resolve().parents[2]
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -90,3 +99,72 @@ def test_bad_base_settings_are_one_clear_error(tmp_path):
             tokenizer="bytes",
             adapters=[AdapterRule(ATTENTION, LoraConfig())],
         )
+
+
+class FakeJudge:
+    object_names = ["bag", "handwritten digit"]
+    style_names = ["inverted", "framed"]
+
+
+def test_concept_presence_compares_the_verdicts_with_the_prompt():
+    verdicts = {
+        "object": torch.tensor([1, 0]),
+        "inverted": torch.tensor([1, 0]),
+        "framed": torch.tensor([1, 1]),
+    }
+    digit = concept_presence(FakeJudge(), verdicts, 0, "handwritten digit", ["inverted"])
+    assert digit == {
+        "judged_object": "handwritten digit",
+        "judged_styles": ["inverted", "framed"],
+        "object_present": True,
+        "inverted_present": True,
+        "all_present": True,
+        "unprompted_style": True,  # framed, not asked for
+    }
+    bag = concept_presence(FakeJudge(), verdicts, 1, "handwritten digit", ["inverted", "framed"])
+    assert (
+        bag["object_present"] is False and bag["inverted_present"] is False and bag["framed_present"] is True
+    )
+    assert bag["all_present"] is False and bag["unprompted_style"] is False
+
+
+def test_predict_writes_the_grid_and_judged_records_and_never_overwrites(run_config):
+    config = REPO / "configs/diffusion/compose_three.yaml"
+    run_config(config, "predict")
+    folder = Path("runs/diffusion/compose/three/merge")
+    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert [record["prompt"] for record in records[:2]] == [
+        "a handwritten digit 0, inverted, framed",
+        "a handwritten digit 1, inverted, framed",
+    ]
+    assert len(records) == 10 and all(record["seconds_per_image"] > 0 for record in records)
+    for record in records:
+        found = [record["object_present"], record["inverted_present"], record["framed_present"]]
+        assert record["all_present"] == all(found)
+        assert record["object_present"] == (record["judged_object"] == "handwritten digit")
+    grid = torch.from_numpy(np.array(Image.open(folder / "predictions.png")))
+    assert grid.shape[:2] == (8 + 4, 10 * (8 + 2) + 2)  # one row of ten 8 px images, 2 px padding
+    with pytest.raises(SystemExit, match="exists; choose another path"):
+        run_config(config, "predict")
+
+
+def test_a_judge_that_does_not_know_a_prompted_concept_is_one_clear_error(run_config, tmp_path):
+    save_concept_judge(
+        ConceptJudge("resnet10t", ["handwritten digit"], ["inverted"], seed=0),
+        "resnet10t",
+        tmp_path / "judge",
+    )
+    with pytest.raises(SystemExit, match="cannot judge 'framed'"):
+        run_config(
+            REPO / "configs/diffusion/compose_three.yaml",
+            "predict",
+            f"--model.init_args.judge_path={tmp_path}/judge",
+        )
+
+
+def test_a_trained_gate_exports_in_our_format_only(run_config):
+    run_config(REPO / "configs/diffusion/gate_concepts.yaml", "fit", "--trainer.max_steps=1")
+    gate = Path("runs/diffusion/gate")
+    assert (gate / "adapter_config.json").is_file() and not (
+        gate / "pytorch_lora_weights.safetensors"
+    ).exists()

@@ -1,0 +1,78 @@
+"""Concept-presence tables of the composed concept LoRAs, read from the prediction files that
+`predict` writes under runs/diffusion/compose/<prompt set>/<method>/predictions.jsonl.
+
+    python scripts/concept_table.py [--root runs/diffusion/compose]
+
+Table 1: per method, the share of images showing every prompted concept, per prompt set, the
+mean over the 2-concept sets, and the sampling cost per image. Table 2: per method, how often
+each concept of the 3-concept set shows, and how often a style shows that was not prompted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+TWO_CONCEPTS = {
+    "digit_inverted": "digit + inverted",
+    "digit_framed": "digit + framed",
+    "inverted_framed": "inverted + framed",
+}
+THREE_CONCEPTS = "three"
+METHODS = {
+    "base": "base UNet, no LoRA",
+    "merge": "merge",
+    "switch": "switch",
+    "composite": "composite",
+    "gate": "learned gate",
+}
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def rate(records: list[dict], field: str) -> float:
+    return 100 * mean(float(record[field]) for record in records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs/diffusion/compose", type=Path)
+    args = parser.parse_args()
+    runs = {
+        (prompt_set, method): read_records(args.root / prompt_set / method / "predictions.jsonl")
+        for prompt_set in [*TWO_CONCEPTS, THREE_CONCEPTS]
+        for method in METHODS
+    }
+    print(
+        "| method | " + " | ".join(TWO_CONCEPTS.values()) + " | mean, 2 concepts | digit + inverted + framed "
+        "| s / image, 2 concepts | s / image, 3 concepts |"
+    )
+    print("|---|" + "---:|" * (len(TWO_CONCEPTS) + 5))
+    for method, label in METHODS.items():
+        two = [rate(runs[prompt_set, method], "all_present") for prompt_set in TWO_CONCEPTS]
+        three = runs[THREE_CONCEPTS, method]
+        cost_two = mean(mean(r["seconds_per_image"] for r in runs[s, method]) for s in TWO_CONCEPTS)
+        cost_three = mean(r["seconds_per_image"] for r in three)
+        cells = [f"{value:.0f}" for value in two] + [f"{mean(two):.1f}", f"{rate(three, 'all_present'):.0f}"]
+        print(f"| {label} | " + " | ".join(cells) + f" | {cost_two:.3f} | {cost_three:.3f} |")
+    print()
+    fields = {
+        "object_present": "digit",
+        "inverted_present": "inverted",
+        "framed_present": "framed",
+        "all_present": "all three",
+        "unprompted_style": "an unprompted style",
+    }
+    print("| method (digit + inverted + framed) | " + " | ".join(fields.values()) + " |")
+    print("|---|" + "---:|" * len(fields))
+    for method, label in METHODS.items():
+        cells = [f"{rate(runs[THREE_CONCEPTS, method], field):.0f}" for field in fields]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
