@@ -99,16 +99,15 @@ class CaptionedImages(torch.utils.data.Dataset):
         return {"image": self.images[index], "caption": self.captions[label], "label": label}
 
 
-def check_source(source: str) -> None:
+def checked_source_and_styles(source: str, styles: list[str] | None) -> tuple[str, list[str]]:
+    """The source and styles of a data module, after checking that both are known."""
     sources = ["fashion-mnist", "mnist-5k", "digits"]
     if source not in sources:
         raise UserInputError(f"source must be one of {sources}, got {source!r}")
-
-
-def check_styles(styles: list[str]) -> None:
-    unknown = [style for style in styles if style not in STYLES]
+    unknown = [style for style in styles or [] if style not in STYLES]
     if unknown:
         raise UserInputError(f"unknown style {unknown[0]!r}; known styles: {sorted(STYLES)}")
+    return source, list(styles or [])
 
 
 def _subset(images: ImageSet, size: int | None, generator: np.random.Generator) -> ImageSet:
@@ -160,10 +159,7 @@ class CaptionedImageDataModule(_ImageSplits):
         fashion_root: str | None = None,
     ) -> None:
         super().__init__()
-        check_source(source)
-        check_styles(list(styles or []))
-        self.source = source
-        self.styles = list(styles or [])
+        self.source, self.styles = checked_source_and_styles(source, styles)
         self.image_size = image_size
         self.train_size = train_size
         self.val_size = val_size
@@ -299,8 +295,7 @@ class StyledImageDataModule(_ImageSplits):
         self.sources = list(sources or ["fashion-mnist", "mnist-5k"])
         self.styles = list(styles if styles is not None else STYLES)
         for source in self.sources:
-            check_source(source)
-        check_styles(self.styles)
+            checked_source_and_styles(source, self.styles)
         self.image_size = image_size
         self.sizes = {"train": train_size, "val": val_size}
         self.batch_size = batch_size

@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.data.captioned_images import (
     caption,
-    check_source,
-    check_styles,
+    checked_source_and_styles,
     object_names,
     source_class_names,
 )
@@ -68,10 +67,7 @@ class ConceptPromptDataModule(L.LightningDataModule):
         fashion_root: str | None = None,
     ) -> None:
         super().__init__()
-        check_source(source)
-        check_styles(list(styles or []))
-        self.source = source
-        self.styles = list(styles or [])
+        self.source, self.styles = checked_source_and_styles(source, styles)
         self.samples_per_prompt = samples_per_prompt
         self.batch_size = batch_size
         self.fashion_root = fashion_root

@@ -3,8 +3,8 @@
 
     python scripts/concept_table.py [--root runs/diffusion/compose]
 
-Table 1: per method, the share of images showing every prompted concept, per prompt set, the
-mean over the 2-concept sets, and the sampling cost per image. Table 2: per method, how often
+Table 1: each model alone on prompts of its own concept (single/<model>). Table 2: per method, the share of images showing every prompted concept, per prompt set, the
+mean over the 2-concept sets, and the sampling cost per image. Table 3: per method, how often
 each concept of the 3-concept set shows, and how often a style shows that was not prompted.
 """
 
@@ -38,10 +38,31 @@ def rate(records: list[dict], field: str) -> float:
     return 100 * mean(float(record[field]) for record in records)
 
 
+SINGLE = {
+    "base": ("base UNet", '"a sneaker"'),
+    "digit": ("digit LoRA", '"a handwritten digit 3"'),
+    "inverted": ("inverted LoRA", '"a sneaker, inverted"'),
+    "framed": ("framed LoRA", '"a sneaker, framed"'),
+}
+
+
+def print_single_concepts(folder: Path) -> None:
+    fields = {"object_present": "object", "inverted_present": "inverted", "framed_present": "framed"}
+    print("| model | prompts like | " + " | ".join(fields.values()) + " | s / image |")
+    print("|---|---|" + "---:|" * (len(fields) + 1))
+    for model, (label, example) in SINGLE.items():
+        records = read_records(folder / model / "predictions.jsonl")
+        cells = [f"{rate(records, field):.0f}" if field in records[0] else "" for field in fields]
+        cost = mean(record["seconds_per_image"] for record in records)
+        print(f"| {label} | {example} | " + " | ".join(cells) + f" | {cost:.3f} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/diffusion/compose", type=Path)
     args = parser.parse_args()
+    print_single_concepts(args.root / "single")
     runs = {
         (prompt_set, method): read_records(args.root / prompt_set / method / "predictions.jsonl")
         for prompt_set in [*TWO_CONCEPTS, THREE_CONCEPTS]
