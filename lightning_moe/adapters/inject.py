@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .attention import restore_attention, unfuse_attention
 from .config import AdapterConfig, AdapterRule, target_matches
 from .errors import AdapterConfigError
 from .layer import ROUTED_ADAPTERS, AdaptedLinear, build_adapter
@@ -66,21 +67,30 @@ def inject(
 ) -> InjectionReport:
     """Replace every matched nn.Linear by an `AdaptedLinear` (in place) and freeze the rest.
 
-    Raises `AdapterConfigError` before touching the model when a pattern matches nothing, a
-    match is not a linear layer the model calls, or two rules claim the same layer. Mixtures of
-    pre-trained LoRAs (X-LoRA, MeteoRA) read their expert folders next, and `prepare` then sees
-    the new layers (e.g. to load weights); both happen before the layers are attached, so an error
-    there also leaves the model untouched.
+    An nn.MultiheadAttention whose "<name>.in_proj" (the packed q/k/v projection) or
+    "<name>.out_proj" a rule targets is first swapped for the equivalent
+    `LinearMultiheadAttention`, whose projections are real linears (see attention.py).
+
+    Raises `AdapterConfigError` before changing what the model computes when a pattern matches
+    nothing, a match is not a linear layer the model calls, or two rules claim the same layer.
+    Mixtures of pre-trained LoRAs (X-LoRA, MeteoRA) read their expert folders next, and `prepare`
+    then sees the new layers (e.g. to load weights); both happen before the layers are attached,
+    so an error there also leaves the model as it was.
     """
-    plan = plan_injection(model, rules)
-    layers = {}
-    for name, config in plan.items():
-        base_layer = model.get_submodule(name)
-        layers[name] = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
-        layers[name].train(base_layer.training)  # new modules start in train mode; follow the model's mode
-    attach_pretrained_experts(layers)
-    if prepare is not None:
-        prepare(layers)
+    unfused = unfuse_attention(model, targeted_attention(model, rules))
+    try:
+        plan = plan_injection(model, rules)
+        layers = {}
+        for name, config in plan.items():
+            base_layer = model.get_submodule(name)
+            layers[name] = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
+            layers[name].train(base_layer.training)  # new modules start in train mode; follow the model's
+        attach_pretrained_experts(layers)
+        if prepare is not None:
+            prepare(layers)
+    except Exception:
+        restore_attention(model, unfused)
+        raise
     if freeze_base:  # everything the model has so far, earlier adapters included; the new ones train
         model.requires_grad_(False)
     collector = RoutingCollector()
@@ -93,6 +103,21 @@ def inject(
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectionReport({n: c.kind for n, c in plan.items()}, trainable, total, collector)
+
+
+def targeted_attention(model: nn.Module, rules: list[AdapterRule]) -> list[str]:
+    """The nn.MultiheadAttention modules whose in- or out-projection some rule targets."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        and any(
+            target_matches(f"{name}.{projection}", pattern, rule.regex)
+            for rule in rules
+            for pattern in rule.targets
+            for projection in ("in_proj", "out_proj")
+        )
+    ]
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -133,14 +158,14 @@ def _check_target(name: str, pattern: str, modules: dict[str, nn.Module]) -> Non
     if isinstance(module, AdaptedLinear):
         raise AdapterConfigError(f"module {name!r} (pattern {pattern!r}) already has an adapter")
     if not isinstance(module, nn.Linear):
-        raise AdapterConfigError(
-            f"pattern {pattern!r} matched {name!r}, a {type(module).__name__}; adapters attach to nn.Linear layers"
+        hint = (
+            f" (target its projections: '{pattern}.in_proj', '{pattern}.out_proj')"
+            if isinstance(module, nn.MultiheadAttention)
+            else ""
         )
-    parent = modules[name.rpartition(".")[0]]
-    if isinstance(parent, nn.MultiheadAttention):
         raise AdapterConfigError(
-            f"pattern {pattern!r} matched {name!r} inside nn.MultiheadAttention, which reads its projection "
-            "weights directly instead of calling the layer; an adapter there would be silently ignored"
+            f"pattern {pattern!r} matched {name!r}, a {type(module).__name__}; adapters attach to nn.Linear "
+            f"layers{hint}"
         )
 
 

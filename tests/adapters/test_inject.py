@@ -224,13 +224,6 @@ def test_non_linear_match_is_refused(make_llama):
     assert _untouched(model)
 
 
-def test_target_inside_multihead_attention_is_refused(make_clip):
-    model = make_clip()
-    with pytest.raises(AdapterConfigError, match=r"attn\.out_proj.*nn\.MultiheadAttention"):
-        inject(model, [AdapterRule(targets=["attn.out_proj"], adapter=LoraConfig(rank=2))])
-    assert _untouched(model)
-
-
 def test_two_rules_claiming_one_module(make_llama):
     model = make_llama()
     rules = [
