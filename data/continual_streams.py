@@ -12,8 +12,11 @@ test images (RGB in [0, 1], `image_size` square; the model normalises).
   trains on its classes, and evaluation after step i covers every class seen so far.
 
 Fixed splits of the packaged domains: MNIST-5k, digits and textile keep every fifth image
-(index % 5 == 0) for testing; Fashion-MNIST tests on its own test split. `train_size` and
-`test_size` then take fixed subsets (seeded by `seed`), the same for every method and run.
+(index % 5 == 0) for testing; Fashion-MNIST tests on its own test split. The rest is halved by
+position: even positions are the stream's training pool, odd ones the alignment pool from which
+the packaged CLIP learns its projections (`alignment_pool`), so alignment never sees a stream
+image. `train_size` and `test_size` then take fixed subsets (seeded by `seed`), the same for
+every method and run.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class Domain:
 
 def _held_out(images: ImageSet) -> tuple[ImageSet, ImageSet]:
     test = np.arange(len(images)) % 5 == 0
-    return tuple(_select(images, np.flatnonzero(keep)) for keep in (~test, test))
+    return tuple(select_images(images, np.flatnonzero(keep)) for keep in (~test, test))
 
 
-def _select(images: ImageSet, index: np.ndarray) -> ImageSet:
+def select_images(images: ImageSet, index: np.ndarray) -> ImageSet:
     return ImageSet(
         images.name,
         images.class_names,
@@ -74,6 +77,20 @@ DOMAINS: dict[str, Domain] = {
         ["flawless fabric", "fabric with a local defect", "fabric with a defect all over"],
     ),
 }
+
+
+def halves(images: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """(even positions: the stream's training pool, odd positions: the alignment pool)."""
+    position = np.arange(len(images))
+    return select_images(images, position[position % 2 == 0]), select_images(
+        images, position[position % 2 == 1]
+    )
+
+
+def alignment_pool(name: str, fashion_root: str | None = None) -> StreamTask:
+    """A packaged domain's alignment half (its test images and stream pool excluded), as a task
+    whose `train` holds the images and whose class names and templates make the captions."""
+    return packaged_task(name, fashion_root, pool=1)
 
 
 def image_folder(root: str | Path, name: str) -> tuple[ImageSet, ImageSet]:
@@ -121,7 +138,7 @@ class StreamImages(Dataset):
 
     def __init__(self, task: StreamTask, split: str, image_size: int) -> None:
         images = getattr(task, split)
-        self.images = _select(images, np.flatnonzero(np.isin(images.labels, task.classes)))
+        self.images = select_images(images, np.flatnonzero(np.isin(images.labels, task.classes)))
         self.label_of = {label: task.label_offset + index for index, label in enumerate(task.classes)}
         self.image_size = image_size
 
@@ -144,15 +161,20 @@ def load_domain(spec: str | dict[str, Any], fashion_root: str | None) -> StreamT
         templates = list(spec.get("templates") or ["a photo of a {}."])
         names = [name.replace("_", " ") for name in train.class_names]
         return StreamTask(spec["name"], names, templates, train, test, list(range(len(names))))
-    if spec not in DOMAINS:
+    return packaged_task(spec, fashion_root, pool=0)
+
+
+def packaged_task(name: str, fashion_root: str | None, pool: int) -> StreamTask:
+    """A packaged domain with its stream (pool 0) or alignment (pool 1) half as training images."""
+    if name not in DOMAINS:
         raise UserInputError(
-            f"unknown dataset {spec!r} in the task order; packaged ones are {sorted(DOMAINS)}, or give "
+            f"unknown dataset {name!r} in the task order; packaged ones are {sorted(DOMAINS)}, or give "
             "{name, root, templates} for an image-folder dataset"
         )
-    domain = DOMAINS[spec]
+    domain = DOMAINS[name]
     train, test = domain.load(fashion_root)
     names = domain.prompt_names or train.class_names
-    return StreamTask(spec, list(names), domain.templates, train, test, list(range(len(names))))
+    return StreamTask(name, list(names), domain.templates, halves(train)[pool], test, list(range(len(names))))
 
 
 class _Stream(L.LightningDataModule):
@@ -176,7 +198,7 @@ class _Stream(L.LightningDataModule):
         if size is None or size >= len(images):
             return images
         generator = np.random.default_rng([self.seed, salt])
-        return _select(images, np.sort(generator.choice(len(images), size, replace=False)))
+        return select_images(images, np.sort(generator.choice(len(images), size, replace=False)))
 
     def split(self, index: int, split: str) -> StreamImages:
         """Task `index`'s fixed train or test subset."""

@@ -103,6 +103,21 @@ DIFFUSION_DATA_OVERRIDES = {
         "--data.init_args.batch_size=5",
     ],
 }
+# open_clip's BPE tokenizer (it ships with open_clip) needs its full vocabulary
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+CONTINUAL_OVERRIDES = [
+    "--model.init_args.clip_config=" + json.dumps(TINY_CLIP),
+    "--model.init_args.image_size=16",
+    "--data.init_args.sources=[digits, textile]",  # packaged, no download in tests
+    "--data.init_args.image_size=16",
+    "--data.init_args.train_size=8",
+    "--data.init_args.val_size=4",
+    "--data.init_args.batch_size=4",
+]
 JUDGE_OVERRIDES = [
     "--data.init_args.sources=[digits]",  # packaged, no download in tests
     "--data.init_args.image_size=16",
@@ -111,6 +126,7 @@ JUDGE_OVERRIDES = [
     "--data.init_args.batch_size=4",
 ]
 TINY_RUN_OVERRIDES = {
+    "continual": CONTINUAL_OVERRIDES,
     "judges": JUDGE_OVERRIDES,
     "reasoning": REASONING_OVERRIDES,
     "mixtures": REASONING_OVERRIDES,

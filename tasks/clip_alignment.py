@@ -1,0 +1,121 @@
+"""The alignment stage of the composed CLIP (LiT-style, Zhai et al., 2022: "locked-image tuning").
+
+Both pretrained towers stay frozen; only the two new linear projections and the temperature
+train, contrastively, on captioned images (`AlignmentDataModule`). Generated captions repeat
+(one per class and template), so a batch often holds the same caption several times: the loss
+treats every pair with the same caption as a positive (targets spread over them) instead of
+pushing identical captions apart as plain InfoNCE would. Validation reports zero-shot accuracy
+per source with prompt-ensembled class heads. The export is the whole CLIP's weights
+(`clip.safetensors`), which the continual-learning configs read through `clip_path`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.clip_models import build_clip, save_clip, zero_shot_head
+from lightning_moe.module import AdapterModule
+
+
+def projection_parameters(clip: nn.Module) -> list[nn.Parameter]:
+    """What LiT trains: the temperature and the two projections into the shared embedding (a
+    CustomTextCLIP's image head and text projection, or a plain CLIP's `proj` matrices)."""
+    if hasattr(clip, "text"):  # CustomTextCLIP: towers with projection modules
+        projections = [*clip.visual.head.parameters(), *clip.text.proj.parameters()]
+    else:
+        projections = [clip.visual.proj, clip.text_projection]
+    return [clip.logit_scale, *projections]
+
+
+def multi_positive_contrastive_loss(
+    image: Tensor, text: Tensor, captions: list[str], scale: Tensor
+) -> Tensor:
+    """Symmetric cross-entropy over the batch's image-text similarities, with every pair of
+    identical captions a positive."""
+    index = {caption: number for number, caption in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[caption] for caption in captions], device=image.device)
+    same = (ids[:, None] == ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    logits = scale * image @ text.T
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+class ClipAlignmentTask(AdapterModule):
+    """Trains a CLIP's projections (and temperature) with the towers frozen.
+
+    Args:
+        clip: "packaged" (EfficientNet-Lite0 + MiniLM) or "open_clip:<model>/<tag>".
+        clip_config: Instead: open_clip.CLIP arguments for a random model (tests).
+        embed_dim: Width of the shared embedding of the packaged CLIP.
+        image_size: Image side the vision tower sees.
+        cache_dir: Where packaged assets are cached.
+        **kwargs: Optimisation settings of `AdapterModule` (with `adapters: []`).
+    """
+
+    def __init__(
+        self,
+        clip: str = "packaged",
+        clip_config: dict[str, Any] | None = None,
+        embed_dim: int = 256,
+        image_size: int = 128,
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if self.adapter_rules or self.adapter_path:
+            raise UserInputError("the alignment stage trains projections only; give `adapters: []`")
+        self.clip_name = clip
+        self.clip_config = clip_config
+        self.embed_dim = embed_dim
+        self.image_size = image_size
+        self.cache_dir = cache_dir
+        self.accuracy = nn.ModuleList()
+        self.heads: list[Tensor] = []
+
+    def build_model(self) -> nn.Module:
+        return build_clip(
+            self.clip_name, self.clip_config, None, self.embed_dim, self.image_size, self.cache_dir
+        )
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        for parameter in projection_parameters(self.model.clip):  # inject froze the whole CLIP
+            parameter.requires_grad_(True)
+
+    def export_adapter(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
+        if self.global_rank == 0:
+            save_clip(self.model, folder, overwrite)
+
+    def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        image = self.model.encode_images(batch["image"])
+        if not self.training:
+            self.score_zero_shot(image, batch)
+        text = self.model.encode_texts(list(batch["caption"]))
+        scale = self.model.clip.logit_scale.exp().clamp(max=100)
+        return multi_positive_contrastive_loss(image, text, list(batch["caption"]), scale), None
+
+    def on_validation_epoch_start(self) -> None:
+        tasks = self.trainer.datamodule.tasks
+        self.heads = [zero_shot_head(self.model, task.class_names, task.templates) for task in tasks]
+        if len(self.accuracy) != len(tasks):
+            self.accuracy = nn.ModuleList(
+                MulticlassAccuracy(num_classes=len(task.class_names), average="micro").to(self.device)
+                for task in tasks
+            )
+
+    def score_zero_shot(self, image: Tensor, batch: dict) -> None:
+        for source, head in enumerate(self.heads):
+            rows = batch["source"] == source
+            if rows.any():
+                self.accuracy[source].update((image[rows] @ head.T).argmax(-1), batch["label"][rows])
+
+    def on_validation_epoch_end(self) -> None:
+        for task, metric in zip(self.trainer.datamodule.tasks, self.accuracy, strict=True):
+            self.log(f"val/zero_shot/{task.name}", metric.compute())
+            metric.reset()
