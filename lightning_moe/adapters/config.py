@@ -206,13 +206,39 @@ class MeteoraConfig(LoraMixtureConfig):
     top_k: int | None = 2
 
 
-AdapterConfig = LoraConfig | MoELoraConfig | XLoraConfig | MeteoraConfig
+@dataclass
+class RankGatedLoraConfig(LowRankConfig):
+    """CoDyRA / Dynamic Rank-Selective LoRA (Lu et al., 2025): LoRA whose r ranks each carry a
+    learnable gate, scaling * B @ diag(g) @ A. Training shrinks the gates with a proximal
+    soft-threshold after every optimizer step (`soft_threshold_rank_gates`), so unneeded ranks
+    reach exactly zero; at a task end `merge_rank_gated_updates` folds the surviving ranks into
+    the base weight and starts fresh ranks for the next task.
+
+    Args:
+        kind: Adapter kind tag, always "codyra".
+        rank, alpha, dropout, use_rslora, init: As in LoraConfig ("pissa" is not supported).
+        gate_init: Starting value of every rank's gate.
+    """
+
+    kind: Literal["codyra"] = "codyra"
+    gate_init: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init == "pissa":
+            raise AdapterConfigError(
+                "init='pissa' applies to plain LoRA; rank-gated LoRA uses 'kaiming' or 'gaussian'"
+            )
+
+
+AdapterConfig = LoraConfig | MoELoraConfig | XLoraConfig | MeteoraConfig | RankGatedLoraConfig
 
 CONFIG_KINDS: dict[str, type] = {
     "lora": LoraConfig,
     "moe": MoELoraConfig,
     "xlora": XLoraConfig,
     "meteora": MeteoraConfig,
+    "codyra": RankGatedLoraConfig,
 }
 
 

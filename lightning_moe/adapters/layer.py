@@ -10,12 +10,14 @@ from .errors import AdapterConfigError
 from .lora import LoraAdapter
 from .mixture import LoraMixtureAdapter
 from .moe import MoELoraAdapter
+from .rank_gates import RankGatedLoraAdapter
 
 ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
     "lora": LoraAdapter,
     "moe": MoELoraAdapter,
     "xlora": LoraMixtureAdapter,
     "meteora": LoraMixtureAdapter,
+    "codyra": RankGatedLoraAdapter,
 }
 # Adapters that report routing decisions to the model's collector.
 ROUTED_ADAPTERS = (MoELoraAdapter, LoraMixtureAdapter)

@@ -1,0 +1,83 @@
+"""Rank-gated LoRA (CoDyRA) against its dense formula, the proximal step, and the task-end merge."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_moe.adapters import AdapterRule, inject, load_adapter, save_adapter
+from lightning_moe.adapters.config import RankGatedLoraConfig, config_from_dict
+from lightning_moe.adapters.errors import AdapterConfigError
+from lightning_moe.adapters.rank_gates import (
+    merge_rank_gated_updates,
+    rank_gated_layers,
+    soft_threshold_rank_gates,
+)
+
+
+def gated_linear(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5))
+    inject(model, [AdapterRule(targets=["0"], adapter=RankGatedLoraConfig(rank=4, alpha=8))])
+    adapter = model[0].adapter
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+        adapter.rank_gates.copy_(torch.tensor([1.0, -0.5, 0.0, 2.0]))
+    return model
+
+
+def test_output_and_gradients_equal_the_dense_formula():
+    model = gated_linear()
+    layer = model[0]
+    adapter = layer.adapter
+    x = torch.randn(3, 6)
+    out = model(x)
+    A, B, g = (
+        p.detach().clone().requires_grad_(True) for p in (adapter.lora_A, adapter.lora_B, adapter.rank_gates)
+    )
+    weight = layer.base_layer.weight + 2.0 * B @ torch.diag(g) @ A  # scaling alpha / r = 2
+    expected = x @ weight.T + layer.base_layer.bias
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for ours, reference in zip((adapter.lora_A, adapter.lora_B, adapter.rank_gates), (A, B, g), strict=True):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_proximal_step_shrinks_gates_and_stops_at_zero():
+    model = gated_linear()
+    with torch.no_grad():
+        model[0].adapter.rank_gates.copy_(torch.tensor([0.5, -0.2, 0.05, -0.01]))
+    soft_threshold_rank_gates(model, amount=0.1)
+    torch.testing.assert_close(model[0].adapter.rank_gates.detach(), torch.tensor([0.4, -0.1, 0.0, 0.0]))
+    assert model[0].adapter.active_ranks == 2
+
+
+def test_the_task_end_merge_keeps_the_function_and_frees_the_ranks():
+    model = gated_linear()
+    x = torch.randn(4, 6)
+    before = model(x).detach()
+    kept = merge_rank_gated_updates(model)
+    assert kept == {"0": 3}  # the rank with gate 0 was pruned
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    adapter = model[0].adapter
+    assert torch.equal(adapter.lora_B, torch.zeros_like(adapter.lora_B))
+    assert torch.equal(adapter.rank_gates, torch.ones(4))
+    assert [name for name, _ in rank_gated_layers(model)] == ["0"]
+
+
+def test_config_round_trip_and_checkpoint(tmp_path):
+    config = RankGatedLoraConfig(rank=4, alpha=8, gate_init=0.5)
+    assert config_from_dict(config.to_dict()) == config
+    with pytest.raises(AdapterConfigError, match="pissa"):
+        RankGatedLoraConfig(init="pissa")
+    model = gated_linear()
+    save_adapter(
+        model, [AdapterRule(targets=["0"], adapter=RankGatedLoraConfig(rank=4, alpha=8))], tmp_path / "a"
+    )
+    fresh = nn.Sequential(nn.Linear(6, 5))
+    fresh.load_state_dict(
+        {k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if "adapter" not in k}
+    )
+    load_adapter(fresh, tmp_path / "a")
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(fresh(x), model(x))
