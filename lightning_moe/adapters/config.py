@@ -231,7 +231,55 @@ class RankGatedLoraConfig(LowRankConfig):
             )
 
 
-AdapterConfig = LoraConfig | MoELoraConfig | XLoraConfig | MeteoraConfig | RankGatedLoraConfig
+@dataclass
+class RankExpertsConfig(LowRankConfig):
+    """MoRA, "Little by Little" (sparse mixture of rank-1 experts): every rank-1 component
+    b_i a_i^T is an expert that scores itself by the cosine of a_i and the input (no router);
+    each token uses the `top_k` best-scoring atoms (softmax over scores / `temperature`,
+    renormalised over the chosen), at evaluation every atom whose probability reaches
+    `eval_threshold`. Each task trains `rank` new atoms while earlier tasks' atoms stay frozen
+    (`freeze_task_atoms`); atoms used by fewer than `prune_below` of the tokens during their task
+    are pruned when frozen.
+
+    Args:
+        kind: Adapter kind tag, always "mora".
+        rank: New atoms per task.
+        alpha, dropout, use_rslora, init: As in LoraConfig ("pissa" is not supported);
+            scaling = alpha / rank.
+        num_tasks: Capacity: tasks whose atoms the layer can hold.
+        top_k: Atoms per token in training (the activation budget).
+        temperature: Softmax temperature of the atoms' scores.
+        eval_threshold: Evaluation keeps atoms with probability >= this (None: top-k as in training).
+        prune_below: At freezing, atoms chosen by fewer than this share of tokens are pruned.
+    """
+
+    kind: Literal["mora"] = "mora"
+    num_tasks: int = 10
+    top_k: int = 2
+    temperature: float = 1.0
+    eval_threshold: float | None = None
+    prune_below: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init == "pissa":
+            raise AdapterConfigError(
+                "init='pissa' applies to plain LoRA; rank experts use 'kaiming' or 'gaussian'"
+            )
+        if self.num_tasks < 1 or not 1 <= self.top_k <= self.rank * self.num_tasks:
+            raise AdapterConfigError(
+                f"need num_tasks >= 1 and 1 <= top_k <= rank * num_tasks, got num_tasks={self.num_tasks}, "
+                f"top_k={self.top_k}, rank={self.rank}"
+            )
+        if self.temperature <= 0 or not 0.0 <= self.prune_below < 1.0:
+            raise AdapterConfigError(
+                f"temperature must be > 0 and prune_below in [0, 1), got {self.temperature} and {self.prune_below}"
+            )
+
+
+AdapterConfig = (
+    LoraConfig | MoELoraConfig | XLoraConfig | MeteoraConfig | RankGatedLoraConfig | RankExpertsConfig
+)
 
 CONFIG_KINDS: dict[str, type] = {
     "lora": LoraConfig,
@@ -239,6 +287,7 @@ CONFIG_KINDS: dict[str, type] = {
     "xlora": XLoraConfig,
     "meteora": MeteoraConfig,
     "codyra": RankGatedLoraConfig,
+    "mora": RankExpertsConfig,
 }
 
 

@@ -10,6 +10,7 @@ from .errors import AdapterConfigError
 from .lora import LoraAdapter
 from .mixture import LoraMixtureAdapter
 from .moe import MoELoraAdapter
+from .rank_experts import RankExpertsAdapter
 from .rank_gates import RankGatedLoraAdapter
 
 ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
@@ -18,6 +19,7 @@ ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
     "xlora": LoraMixtureAdapter,
     "meteora": LoraMixtureAdapter,
     "codyra": RankGatedLoraAdapter,
+    "mora": RankExpertsAdapter,
 }
 # Adapters that report routing decisions to the model's collector.
 ROUTED_ADAPTERS = (MoELoraAdapter, LoraMixtureAdapter)
