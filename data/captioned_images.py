@@ -117,7 +117,7 @@ def _subset(images: ImageSet, size: int | None, generator: np.random.Generator) 
     return ImageSet(images.name, images.class_names, images.labels[keep], pixels=images.pixels[keep])
 
 
-class _ImageSplits(L.LightningDataModule):
+class ImageSplits(L.LightningDataModule):
     """Loaders over `self.splits` ("train" shuffled resumably, "val" in order)."""
 
     splits: dict[str, torch.utils.data.Dataset]
@@ -133,7 +133,7 @@ class _ImageSplits(L.LightningDataModule):
         return DataLoader(self.splits["val"], batch_size=self.batch_size)
 
 
-class CaptionedImageDataModule(_ImageSplits):
+class CaptionedImageDataModule(ImageSplits):
     """Captioned grayscale images from a packaged dataset, with optional styles.
 
     Args:
@@ -178,7 +178,7 @@ class CaptionedImageDataModule(_ImageSplits):
             self.splits[split] = CaptionedImages(images, self.image_size, self.styles, self.source)
 
 
-class CaptionedImageMix(_ImageSplits):
+class CaptionedImageMix(ImageSplits):
     """Several captioned image sets as one, e.g. the training sets of several concept LoRAs, on
     which a gate over those LoRAs learns when to use which.
 
@@ -266,7 +266,7 @@ class StyledImages(torch.utils.data.Dataset):
         }
 
 
-class StyledImageDataModule(_ImageSplits):
+class StyledImageDataModule(ImageSplits):
     """Images from several packaged sources with random styles, for the concept judges.
 
     Args:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import lightning as L
 import numpy as np
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
+from lightning_moe.data.captioned_images import ImageSplits
 from lightning_moe.data.continual_streams import StreamImages, StreamTask, alignment_pool, select_images
-from lightning_moe.data.sampling import resumed_training_sampler
 
 
 class CaptionedPool(Dataset):
@@ -37,7 +36,7 @@ class CaptionedPool(Dataset):
         return self.images[index] | {"caption": self.captions[index], "source": self.source_index}
 
 
-class AlignmentDataModule(L.LightningDataModule):
+class AlignmentDataModule(ImageSplits):
     """Captioned alignment-pool images of several packaged domains; training and validation take
     disjoint fixed subsets of each pool.
 
@@ -81,11 +80,3 @@ class AlignmentDataModule(L.LightningDataModule):
                 subset = dataclasses.replace(task, train=select_images(task.train, np.sort(chosen)))
                 parts[split].append(CaptionedPool(subset, index, self.image_size, self.seed))
         self.splits = {split: ConcatDataset(pools) for split, pools in parts.items()}
-
-    def train_dataloader(self) -> DataLoader:
-        examples = self.splits["train"]
-        sampler = resumed_training_sampler(self, len(examples), self.seed, self.batch_size)
-        return DataLoader(examples, batch_size=self.batch_size, sampler=sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], batch_size=self.batch_size)

@@ -255,18 +255,11 @@ class TextToImageTask(AdapterModule):
 
     # --- composed concepts --------------------------------------------------------------------
     def on_predict_start(self) -> None:
-        # kept out of the module tree: the judge is neither part of the model nor of its checkpoints
         judge = load_concept_judge(self.judge_path).to(self.device) if self.judge_path else None
+        if judge is not None:
+            check_judge_knows(judge, getattr(self.trainer.datamodule, "prompts", None), self.judge_path)
+        # kept out of the module tree: the judge is neither part of the model nor of its checkpoints
         self.__dict__["concept_judge"] = judge
-        prompts = getattr(self.trainer.datamodule, "prompts", None) if judge is not None else None
-        known = set(judge.object_names + judge.style_names) if judge is not None else set()
-        for item in prompts or []:
-            unknown = [concept for concept in [item["object"], *item["styles"]] if concept not in known]
-            if unknown:
-                raise UserInputError(
-                    f"the concept judge in {self.judge_path} cannot judge {unknown[0]!r}; it knows the "
-                    f"objects {judge.object_names} and the styles {judge.style_names}"
-                )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One record per prompt: the image, its sampling cost and, with a judge, which concepts show."""
@@ -286,6 +279,23 @@ class TextToImageTask(AdapterModule):
         return records
 
 
+def check_judge_knows(judge: ConceptJudge, prompts, path: str) -> None:
+    """Every object and style the prompts name must be one the judge can see."""
+    if prompts is None:
+        raise UserInputError(
+            "judging concepts needs prompts that say which concepts to expect: use "
+            "lightning_moe.data.concept_prompts.ConceptPromptDataModule, or judge_path: null"
+        )
+    known = set(judge.object_names + judge.style_names)
+    for item in prompts:
+        unknown = [concept for concept in [item["object"], *item["styles"]] if concept not in known]
+        if unknown:
+            raise UserInputError(
+                f"the concept judge in {path} cannot judge {unknown[0]!r}; it knows the objects "
+                f"{judge.object_names} and the styles {judge.style_names}"
+            )
+
+
 def concept_presence(
     judge: ConceptJudge,
     verdicts: dict[str, Tensor],
@@ -300,11 +310,5 @@ def concept_presence(
         f"{style}_present": style in seen_styles for style in expected_styles
     }
     unprompted = [style for style in seen_styles if style not in expected_styles]
-    return (
-        {"judged_object": seen_object, "judged_styles": seen_styles}
-        | found
-        | {
-            "all_present": all(found.values()),
-            "unprompted_style": bool(unprompted),
-        }
-    )
+    judged = {"judged_object": seen_object, "judged_styles": seen_styles}
+    return judged | found | {"all_present": all(found.values()), "unprompted_style": bool(unprompted)}

@@ -14,7 +14,7 @@ from lightning_moe.adapters import AdapterRule, LoraConfig
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.adapters.files import read_safetensors
 from lightning_moe.tasks.concept_judge import ConceptJudge, save_concept_judge
-from lightning_moe.tasks.diffusion import TextToImageTask, concept_presence
+from lightning_moe.tasks.diffusion import TextToImageTask, check_judge_knows, concept_presence
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +143,7 @@ def test_predict_writes_the_grid_and_judged_records_and_never_overwrites(run_con
         assert record["all_present"] == all(found)
         assert record["object_present"] == (record["judged_object"] == "handwritten digit")
     grid = torch.from_numpy(np.array(Image.open(folder / "predictions.png")))
-    assert grid.shape[:2] == (8 + 4, 10 * (8 + 2) + 2)  # one row of ten 8 px images, 2 px padding
+    assert grid.shape[:2] == (2 * (8 + 2) + 2, 8 * (8 + 2) + 2)  # ten 8 px images in rows of 8, 2 px padding
     with pytest.raises(SystemExit, match="exists; choose another path"):
         run_config(config, "predict")
 
@@ -168,3 +168,8 @@ def test_a_trained_gate_exports_in_our_format_only(run_config):
     assert (gate / "adapter_config.json").is_file() and not (
         gate / "pytorch_lora_weights.safetensors"
     ).exists()
+
+
+def test_judging_without_concept_prompts_is_one_clear_error():
+    with pytest.raises(UserInputError, match="needs prompts that say which concepts to expect"):
+        check_judge_knows(FakeJudge(), None, "runs/judges/concept_judge")
