@@ -93,7 +93,9 @@ def build_clip(
     if clip_config is not None:
         clip = open_clip.CLIP(**clip_config)
         context = clip_config.get("text_cfg", {}).get("context_length", 77)
-        model = ClipModel(clip, open_clip.SimpleTokenizer(context_length=context), IMAGENET_MEAN, IMAGENET_STD)
+        model = ClipModel(
+            clip, open_clip.SimpleTokenizer(context_length=context), IMAGENET_MEAN, IMAGENET_STD
+        )
     elif name == PACKAGED:
         model = packaged_clip(embed_dim, image_size, cache_dir)
     elif name is not None and name.startswith("open_clip:"):

@@ -106,8 +106,22 @@ DIFFUSION_DATA_OVERRIDES = {
 # open_clip's BPE tokenizer (it ships with open_clip) needs its full vocabulary
 TINY_CLIP = {
     "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+    "vision_cfg": {
+        "image_size": 16,
+        "patch_size": 8,
+        "width": 32,
+        "layers": 1,
+        "head_width": 16,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 32,
+        "heads": 2,
+        "layers": 1,
+        "mlp_ratio": 2.0,
+    },
 }
 CONTINUAL_OVERRIDES = [
     "--model.init_args.clip_config=" + json.dumps(TINY_CLIP),
