@@ -43,6 +43,13 @@ class ClipModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean)[:, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(std)[:, None, None], persistent=False)
 
+    def train(self, mode: bool = True) -> ClipModel:
+        super().train(mode)
+        for module in self.modules():  # pretrained towers keep their statistics; adapters train
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     def encode_images(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> unit-length features [B, embed_dim]."""
         return F.normalize(self.clip.encode_image((images - self.mean) / self.std), dim=-1)

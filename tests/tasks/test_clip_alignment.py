@@ -5,10 +5,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from lightning_moe.adapters.errors import UserInputError
-from lightning_moe.clip_models import build_clip, zero_shot_head
+from lightning_moe.clip_models import ClipModel, build_clip, zero_shot_head
 from lightning_moe.data.clip_alignment import AlignmentDataModule
 from lightning_moe.data.continual_streams import TaskIncrementalStream
 from lightning_moe.tasks.clip_alignment import ClipAlignmentTask, multi_positive_contrastive_loss
@@ -86,3 +87,12 @@ def test_an_unknown_clip_or_missing_aligned_weights_is_one_clear_error(tmp_path)
         build_clip("vit-b-16")
     with pytest.raises(UserInputError, match="no CLIP weights in .*align the packaged CLIP first"):
         build_clip(clip_config=TINY_CLIP, clip_path=str(tmp_path))
+
+
+def test_training_mode_keeps_batch_norm_statistics_frozen():
+    clip = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model = ClipModel(clip, tokenizer=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).train()
+    assert model.training and clip[0].training and not clip[1].training
+    before = clip[1].running_mean.clone()
+    clip(torch.randn(2, 3, 4, 4) + 3)
+    assert torch.equal(clip[1].running_mean, before)
