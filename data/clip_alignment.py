@@ -17,9 +17,12 @@ from lightning_moe.data.continual_streams import StreamImages, StreamTask, align
 
 
 class CaptionedPool(Dataset):
-    """Pool images with generated captions, plus (source index, label) for zero-shot checks."""
+    """Pool images with generated captions, plus (source index, label) for zero-shot checks and
+    a `key` per image. `positions` are the images' places in the whole pool."""
 
-    def __init__(self, task: StreamTask, source_index: int, image_size: int, seed: int) -> None:
+    def __init__(
+        self, task: StreamTask, source_index: int, image_size: int, seed: int, positions: np.ndarray
+    ) -> None:
         self.images = StreamImages(task, "train", image_size)
         labels = [self.images.label_of[int(label)] for label in self.images.images.labels]
         templates = np.random.default_rng([seed, source_index]).integers(0, len(task.templates), len(labels))
@@ -28,12 +31,15 @@ class CaptionedPool(Dataset):
             for template, label in zip(templates.tolist(), labels, strict=True)
         ]
         self.source_index = source_index
+        # a stable id per image (source, position in its pool), so frozen features can be cached
+        self.keys = [source_index * 10_000_000 + int(position) for position in positions]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return self.images[index] | {"caption": self.captions[index], "source": self.source_index}
+        item = self.images[index] | {"caption": self.captions[index], "source": self.source_index}
+        return item | {"key": self.keys[index]}
 
 
 class AlignmentDataModule(ImageSplits):
@@ -78,5 +84,5 @@ class AlignmentDataModule(ImageSplits):
             train, val = order[: self.sizes["train"]], order[self.sizes["train"] :][: self.sizes["val"]]
             for split, chosen in (("train", train), ("val", val)):
                 subset = dataclasses.replace(task, train=select_images(task.train, np.sort(chosen)))
-                parts[split].append(CaptionedPool(subset, index, self.image_size, self.seed))
+                parts[split].append(CaptionedPool(subset, index, self.image_size, self.seed, np.sort(chosen)))
         self.splits = {split: ConcatDataset(pools) for split, pools in parts.items()}

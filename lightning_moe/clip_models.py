@@ -50,9 +50,13 @@ class ClipModel(nn.Module):
                 module.eval()
         return self
 
+    def normalize(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> the pixel statistics the image tower was trained with."""
+        return (images - self.mean) / self.std
+
     def encode_images(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> unit-length features [B, embed_dim]."""
-        return F.normalize(self.clip.encode_image((images - self.mean) / self.std), dim=-1)
+        return F.normalize(self.clip.encode_image(self.normalize(images)), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> Tensor:
         tokens = self.tokenizer(texts).to(self.mean.device)

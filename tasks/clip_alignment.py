@@ -5,7 +5,8 @@ train, contrastively, on captioned images (`AlignmentDataModule`). Generated cap
 (one per class and template), so a batch often holds the same caption several times: the loss
 treats every pair with the same caption as a positive (targets spread over them) instead of
 pushing identical captions apart as plain InfoNCE would. Validation reports zero-shot accuracy
-per source with prompt-ensembled class heads. The export is the whole CLIP's weights
+per source with prompt-ensembled class heads. The frozen image trunk's features are computed
+once per image and reused (only the projection head runs after the first epoch). The export is the whole CLIP's weights
 (`clip.safetensors`), which the continual-learning configs read through `clip_path`.
 """
 
@@ -25,12 +26,10 @@ from lightning_moe.module import AdapterModule
 
 def projection_parameters(clip: nn.Module) -> list[nn.Parameter]:
     """What LiT trains: the temperature and the two projections into the shared embedding (a
-    CustomTextCLIP's image head and text projection, or a plain CLIP's `proj` matrices)."""
-    if hasattr(clip, "text"):  # CustomTextCLIP: towers with projection modules
-        projections = [*clip.visual.head.parameters(), *clip.text.proj.parameters()]
-    else:
-        projections = [clip.visual.proj, clip.text_projection]
-    return [clip.logit_scale, *projections]
+    timm image tower's head or a ViT's `proj`; an HF text tower's `proj` or `text_projection`)."""
+    image = list(clip.visual.head.parameters()) if hasattr(clip.visual, "head") else [clip.visual.proj]
+    text = list(clip.text.proj.parameters()) if hasattr(clip, "text") else [clip.text_projection]
+    return [clip.logit_scale, *image, *text]
 
 
 def multi_positive_contrastive_loss(
@@ -77,6 +76,7 @@ class ClipAlignmentTask(AdapterModule):
         self.cache_dir = cache_dir
         self.accuracy = nn.ModuleList()
         self.heads: list[Tensor] = []
+        self.trunk_features: dict[int, Tensor] = {}
 
     def build_model(self) -> nn.Module:
         return build_clip(
@@ -92,8 +92,24 @@ class ClipAlignmentTask(AdapterModule):
         if self.global_rank == 0:
             save_clip(self.model, folder, overwrite)
 
+    def image_features(self, batch: dict) -> Tensor:
+        """Unit-length image features. With a timm tower (trunk + head) the frozen trunk's output
+        is computed once per image and cached, so only the head runs at later steps."""
+        visual = self.model.clip.visual
+        if not hasattr(visual, "trunk"):  # a ViT ends in its projection: nothing frozen to reuse
+            return self.model.encode_images(batch["image"])
+        keys = batch["key"].tolist()
+        missing = [row for row, key in enumerate(keys) if key not in self.trunk_features]
+        if missing:
+            with torch.no_grad():
+                features = visual.trunk(self.model.normalize(batch["image"][missing]))
+            for row, feature in zip(missing, features, strict=True):
+                self.trunk_features[keys[row]] = feature
+        trunk = torch.stack([self.trunk_features[key] for key in keys])
+        return F.normalize(visual.head(trunk), dim=-1)
+
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
-        image = self.model.encode_images(batch["image"])
+        image = self.image_features(batch)
         if not self.training:
             self.score_zero_shot(image, batch)
         text = self.model.encode_texts(list(batch["caption"]))

@@ -96,3 +96,28 @@ def test_training_mode_keeps_batch_norm_statistics_frozen():
     before = clip[1].running_mean.clone()
     clip(torch.randn(2, 3, 4, 4) + 3)
     assert torch.equal(clip[1].running_mean, before)
+
+
+def test_cached_trunk_features_equal_encoding_the_images():
+    timm_clip = TINY_CLIP | {
+        "vision_cfg": {
+            "timm_model_name": "test_efficientnet",
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": 16,
+        }
+    }
+    task = ClipAlignmentTask(clip_config=timm_clip, image_size=16, adapters=[])
+    task.configure_model()
+    data = AlignmentDataModule(sources=["digits"], image_size=16, train_size=8, val_size=4, batch_size=4)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    for _ in range(2):  # the first epoch fills the cache, the second reads it
+        for batch in loader:
+            expected = task.model.encode_images(batch["image"])
+            torch.testing.assert_close(task.image_features(batch), expected, rtol=1e-5, atol=1e-6)
+    assert len(task.trunk_features) == 8
+    keys = [data.splits["train"][i]["key"] for i in range(8)] + [
+        data.splits["val"][i]["key"] for i in range(4)
+    ]
+    assert len(set(keys)) == 12  # train and validation images never share a cache key
