@@ -81,7 +81,8 @@ class AlignmentDataModule(ImageSplits):
         parts: dict[str, list[CaptionedPool]] = {"train": [], "val": []}
         for index, task in enumerate(self.tasks):
             order = np.random.default_rng([self.seed, index]).permutation(len(task.train))
-            train, val = order[: self.sizes["train"]], order[self.sizes["train"] :][: self.sizes["val"]]
+            # validation first, so a pool smaller than train_size + val_size still has one
+            val, train = order[: self.sizes["val"]], order[self.sizes["val"] :][: self.sizes["train"]]
             for split, chosen in (("train", train), ("val", val)):
                 subset = dataclasses.replace(task, train=select_images(task.train, np.sort(chosen)))
                 parts[split].append(CaptionedPool(subset, index, self.image_size, self.seed, np.sort(chosen)))

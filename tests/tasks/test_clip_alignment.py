@@ -121,3 +121,10 @@ def test_cached_trunk_features_equal_encoding_the_images():
         data.splits["val"][i]["key"] for i in range(4)
     ]
     assert len(set(keys)) == 12  # train and validation images never share a cache key
+
+
+def test_a_small_pool_still_has_validation_images():
+    data = AlignmentDataModule(sources=["digits", "textile"], image_size=8, train_size=5000, val_size=50)
+    data.setup("fit")
+    pools = [len(task.train) for task in data.tasks]  # 718 digits, 800 textile images
+    assert len(data.splits["val"]) == 100 and len(data.splits["train"]) == sum(pools) - 100
