@@ -16,6 +16,16 @@ def kaiming_uniform_rows_(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+@torch.no_grad()
+def zero_update_init_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str) -> None:
+    """A random ("gaussian": N(0, 1/r); otherwise kaiming-uniform), B = 0: the update starts at 0."""
+    if init == "gaussian":
+        nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
+    else:
+        kaiming_uniform_rows_(lora_A)
+    nn.init.zeros_(lora_B)
+
+
 class LoraAdapter(nn.Module):
     """Low-rank update of one linear layer: A: [r, in], B: [out, r].
 
@@ -47,11 +57,7 @@ class LoraAdapter(nn.Module):
             self.register_buffer("pissa_A0", a0.clone())
             self.register_buffer("pissa_B0", b0.clone())
             return
-        if config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / config.rank)
-        else:
-            kaiming_uniform_rows_(self.lora_A)
-        nn.init.zeros_(self.lora_B)
+        zero_update_init_(self.lora_A, self.lora_B, config.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from .config import RankExpertsConfig
 from .errors import AdapterConfigError
-from .lora import kaiming_uniform_rows_
+from .lora import zero_update_init_
 
 
 class RankExpertsAdapter(nn.Module):
@@ -45,11 +45,7 @@ class RankExpertsAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_current(self) -> None:
-        if self.config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.config.rank)
-        else:
-            kaiming_uniform_rows_(self.lora_A)
-        nn.init.zeros_(self.lora_B)
+        zero_update_init_(self.lora_A, self.lora_B, self.config.init)
         self.usage.zero_()
         self.seen_tokens.zero_()
 

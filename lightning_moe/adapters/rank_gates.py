@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import RankGatedLoraConfig
-from .lora import kaiming_uniform_rows_
+from .lora import zero_update_init_
 
 
 class RankGatedLoraAdapter(nn.Module):
@@ -37,11 +37,7 @@ class RankGatedLoraAdapter(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Fresh ranks: A random, B = 0 (a zero update), every gate at `gate_init`."""
-        if self.config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.config.rank)
-        else:
-            kaiming_uniform_rows_(self.lora_A)
-        nn.init.zeros_(self.lora_B)
+        zero_update_init_(self.lora_A, self.lora_B, self.config.init)
         self.rank_gates.fill_(self.config.gate_init)
 
     def forward(self, x: Tensor) -> Tensor:
