@@ -111,6 +111,32 @@ class MoELoraConfig(LowRankConfig):
 
 
 @dataclass
+class TaskMoEConfig(MoELoraConfig):
+    """MoE-Adapters (Yu et al., 2024): LoRA experts shared by all tasks, one router per task; after
+    each task the experts its router used most are frozen (see `adapters.task_experts`).
+
+    Args:
+        kind: Adapter kind tag, always "task_moe".
+        rank, alpha, dropout, use_rslora, init, num_experts, top_k, router_gradient,
+            jitter_noise, backend: As in MoELoraConfig.
+        num_tasks: Routers: tasks the layer can learn.
+        freeze_per_task: Experts frozen after each task (the most used ones not frozen yet).
+    """
+
+    kind: Literal["task_moe"] = "task_moe"
+    num_tasks: int = 10
+    freeze_per_task: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_tasks < 1 or not 0 <= self.freeze_per_task <= self.num_experts:
+            raise AdapterConfigError(
+                f"need num_tasks >= 1 and 0 <= freeze_per_task <= num_experts={self.num_experts}, got "
+                f"num_tasks={self.num_tasks}, freeze_per_task={self.freeze_per_task}"
+            )
+
+
+@dataclass
 class LoraMixtureConfig:
     """Fields shared by X-LoRA and MeteoRA: K pre-trained LoRAs, frozen and packed, mixed per token.
 
@@ -211,20 +237,24 @@ class RankGatedLoraConfig(LowRankConfig):
     """CoDyRA / Dynamic Rank-Selective LoRA (Lu et al., 2025): LoRA whose r ranks each carry a
     learnable gate, scaling * B @ diag(g) @ A. Training shrinks the gates with a proximal
     soft-threshold after every optimizer step (`soft_threshold_rank_gates`), so unneeded ranks
-    reach exactly zero; at a task end `merge_rank_gated_updates` folds the surviving ranks into
-    the base weight and starts fresh ranks for the next task.
+    reach exactly zero; at a task end `merge_rank_gated_updates` merges the surviving ranks into
+    the layer's frozen part and starts fresh ranks for the next task.
 
     Args:
         kind: Adapter kind tag, always "codyra".
         rank, alpha, dropout, use_rslora, init: As in LoraConfig ("pissa" is not supported).
         gate_init: Starting value of every rank's gate.
+        num_tasks: Capacity: tasks whose merged ranks the layer can hold.
     """
 
     kind: Literal["codyra"] = "codyra"
     gate_init: float = 1.0
+    num_tasks: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.num_tasks < 1:
+            raise AdapterConfigError(f"num_tasks must be >= 1, got num_tasks={self.num_tasks}")
         if self.init == "pissa":
             raise AdapterConfigError(
                 "init='pissa' applies to plain LoRA; rank-gated LoRA uses 'kaiming' or 'gaussian'"
@@ -278,12 +308,19 @@ class RankExpertsConfig(LowRankConfig):
 
 
 AdapterConfig = (
-    LoraConfig | MoELoraConfig | XLoraConfig | MeteoraConfig | RankGatedLoraConfig | RankExpertsConfig
+    LoraConfig
+    | MoELoraConfig
+    | TaskMoEConfig
+    | XLoraConfig
+    | MeteoraConfig
+    | RankGatedLoraConfig
+    | RankExpertsConfig
 )
 
 CONFIG_KINDS: dict[str, type] = {
     "lora": LoraConfig,
     "moe": MoELoraConfig,
+    "task_moe": TaskMoEConfig,
     "xlora": XLoraConfig,
     "meteora": MeteoraConfig,
     "codyra": RankGatedLoraConfig,

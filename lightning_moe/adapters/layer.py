@@ -12,10 +12,12 @@ from .mixture import LoraMixtureAdapter
 from .moe import MoELoraAdapter
 from .rank_experts import RankExpertsAdapter
 from .rank_gates import RankGatedLoraAdapter
+from .task_experts import TaskRoutedExpertsAdapter
 
 ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
     "lora": LoraAdapter,
     "moe": MoELoraAdapter,
+    "task_moe": TaskRoutedExpertsAdapter,
     "xlora": LoraMixtureAdapter,
     "meteora": LoraMixtureAdapter,
     "codyra": RankGatedLoraAdapter,

@@ -61,14 +61,7 @@ class MoELoraAdapter(nn.Module):
     def __init__(self, base_layer: nn.Linear, config: MoELoraConfig) -> None:
         super().__init__()
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.router = TopKRouter(
-            base_layer.in_features,
-            config.num_experts,
-            config.top_k,
-            gradient=config.router_gradient,
-            jitter_noise=config.jitter_noise,
-            **factory,
-        )
+        self.router = self.build_router(base_layer, config, factory)
         self.experts = ExpertBank(
             config.num_experts,
             base_layer.in_features,
@@ -83,10 +76,23 @@ class MoELoraAdapter(nn.Module):
         self.layer_name = ""
         self.collector: RoutingCollector | None = None
 
+    def build_router(self, base_layer: nn.Linear, config: MoELoraConfig, factory: dict) -> nn.Module:
+        return TopKRouter(
+            base_layer.in_features,
+            config.num_experts,
+            config.top_k,
+            gradient=config.router_gradient,
+            jitter_noise=config.jitter_noise,
+            **factory,
+        )
+
+    def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.router(flat)
+
     def forward(self, x: Tensor) -> Tensor:
         lead_shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        indices, weights, logits = self.router(flat)
+        indices, weights, logits = self.route(flat)
         if self.collector is not None:
             self.collector.record(
                 RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), indices.view(*lead_shape, -1))

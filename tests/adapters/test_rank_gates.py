@@ -54,6 +54,7 @@ def test_the_proximal_step_shrinks_gates_and_stops_at_zero():
 
 def test_the_task_end_merge_keeps_the_function_and_frees_the_ranks():
     model = gated_linear()
+    pretrained = model[0].base_layer.weight.detach().clone()
     x = torch.randn(4, 6)
     before = model(x).detach()
     kept = merge_rank_gated_updates(model)
@@ -62,7 +63,35 @@ def test_the_task_end_merge_keeps_the_function_and_frees_the_ranks():
     adapter = model[0].adapter
     assert torch.equal(adapter.lora_B, torch.zeros_like(adapter.lora_B))
     assert torch.equal(adapter.rank_gates, torch.ones(4))
+    assert int(adapter.merged_count) == 3
+    assert torch.equal(model[0].base_layer.weight, pretrained)  # merged beside W, W untouched
     assert [name for name, _ in rank_gated_layers(model)] == ["0"]
+
+
+def test_merges_of_two_tasks_add_up_to_the_dense_merged_weight():
+    model = gated_linear()
+    layer, adapter = model[0], model[0].adapter
+    first = adapter.delta_weight().detach().clone()
+    merge_rank_gated_updates(model)
+    with torch.no_grad():  # a second task's ranks
+        adapter.lora_B.normal_()
+        adapter.rank_gates.copy_(torch.tensor([0.0, 0.3, 1.5, 0.0]))
+    second = (adapter.lora_B * adapter.rank_gates) @ adapter.lora_A * adapter.scaling
+    merge_rank_gated_updates(model)
+    assert int(adapter.merged_count) == 5
+    x = torch.randn(4, 6)
+    weight = layer.base_layer.weight + first + second
+    torch.testing.assert_close(model(x), x @ weight.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter.delta_weight(), first + second, rtol=1e-5, atol=1e-6)
+
+
+def test_a_full_merge_store_is_a_clear_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    inject(model, [AdapterRule(targets=["0"], adapter=RankGatedLoraConfig(rank=4, num_tasks=1))])
+    merge_rank_gated_updates(model)
+    with pytest.raises(AdapterConfigError, match="num_tasks=1"):
+        merge_rank_gated_updates(model)
 
 
 def test_config_round_trip_and_checkpoint(tmp_path):
@@ -71,6 +100,9 @@ def test_config_round_trip_and_checkpoint(tmp_path):
     with pytest.raises(AdapterConfigError, match="pissa"):
         RankGatedLoraConfig(init="pissa")
     model = gated_linear()
+    merge_rank_gated_updates(model)  # a task's merged ranks travel with the checkpoint
+    with torch.no_grad():
+        model[0].adapter.lora_B.normal_()
     save_adapter(
         model, [AdapterRule(targets=["0"], adapter=RankGatedLoraConfig(rank=4, alpha=8))], tmp_path / "a"
     )
