@@ -134,13 +134,15 @@ class StreamTask:
 
 
 class StreamImages(Dataset):
-    """(image [3, size, size] in [0, 1], label) of one task's split (see StreamTask for labels)."""
+    """{image [3, size, size] in [0, 1], label, key} of one task's split (see StreamTask for
+    labels); the key "task/split/index" names the image within the stream (feature caches)."""
 
     def __init__(self, task: StreamTask, split: str, image_size: int) -> None:
         images = getattr(task, split)
         self.images = select_images(images, np.flatnonzero(np.isin(images.labels, task.classes)))
         self.label_of = {label: task.label_offset + index for index, label in enumerate(task.classes)}
         self.image_size = image_size
+        self.key_prefix = f"{task.name}/{split}/"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -148,7 +150,8 @@ class StreamImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         image = self.images.image(index).convert("RGB").resize((self.image_size,) * 2, Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return {"image": pixels, "label": self.label_of[int(self.images.labels[index])]}
+        label = self.label_of[int(self.images.labels[index])]
+        return {"image": pixels, "label": label, "key": f"{self.key_prefix}{index}"}
 
 
 def load_domain(spec: str | dict[str, Any], fashion_root: str | None) -> StreamTask:
@@ -177,22 +180,39 @@ def packaged_task(name: str, fashion_root: str | None, pool: int) -> StreamTask:
     return StreamTask(name, list(names), domain.templates, halves(train)[pool], test, list(range(len(names))))
 
 
-class _Stream(L.LightningDataModule):
+class ContinualStream(L.LightningDataModule):
     """The shared part: fixed subsets, the current task's training loader, every task's test
-    loader (the accuracy matrix needs all of them after each task)."""
+    loader (the accuracy matrix needs all of them after each task).
+
+    Training sees each task for `epochs_per_task` epochs, in order: epoch e trains task
+    e // epochs_per_task, so a trainer with max_epochs = tasks x epochs_per_task that reloads
+    its dataloaders every epoch walks the stream (a resumed run continues at its epoch's task)."""
 
     tasks: list[StreamTask]
+    class_incremental = False
 
     def __init__(
-        self, image_size: int, train_size: int | None, test_size: int | None, batch_size: int, seed: int
+        self,
+        image_size: int,
+        train_size: int | None,
+        test_size: int | None,
+        batch_size: int,
+        seed: int,
+        epochs_per_task: int,
     ):
         super().__init__()
+        if epochs_per_task < 1:
+            raise UserInputError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
         self.image_size = image_size
         self.train_size = train_size
         self.test_size = test_size
         self.batch_size = batch_size
         self.seed = seed
+        self.epochs_per_task = epochs_per_task
         self.current_task = 0
+
+    def task_of_epoch(self, epoch: int) -> int:
+        return epoch // self.epochs_per_task
 
     def subset(self, images: ImageSet, size: int | None, salt: int) -> ImageSet:
         if size is None or size >= len(images):
@@ -207,7 +227,12 @@ class _Stream(L.LightningDataModule):
         images.images = self.subset(images.images, size, salt=2 * index + (split == "test"))
         return images
 
+    def test_sizes(self) -> list[int]:
+        return [len(self.split(index, "test")) for index in range(len(self.tasks))]
+
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.current_task = self.task_of_epoch(self.trainer.current_epoch)
         examples = self.split(self.current_task, "train")
         sampler = resumed_training_sampler(
             self, len(examples), self.seed + self.current_task, self.batch_size
@@ -218,7 +243,7 @@ class _Stream(L.LightningDataModule):
         return DataLoader(self.split(index, "test"), batch_size=self.batch_size)
 
 
-class TaskIncrementalStream(_Stream):
+class TaskIncrementalStream(ContinualStream):
     """Datasets one after another, each its own task with its own classes and templates.
 
     Args:
@@ -230,6 +255,7 @@ class TaskIncrementalStream(_Stream):
         batch_size: Images per batch.
         seed: Seed of the subsets and the shuffling.
         fashion_root: A folder with Fashion-MNIST's IDX files (default: fetched into the cache).
+        epochs_per_task: Training epochs of each task.
     """
 
     def __init__(
@@ -241,8 +267,9 @@ class TaskIncrementalStream(_Stream):
         batch_size: int = 32,
         seed: int = 0,
         fashion_root: str | None = None,
+        epochs_per_task: int = 1,
     ) -> None:
-        super().__init__(image_size, train_size, test_size, batch_size, seed)
+        super().__init__(image_size, train_size, test_size, batch_size, seed, epochs_per_task)
         if len(tasks) < 2:
             raise UserInputError(f"a stream needs at least two tasks, got {tasks}")
         self.tasks = [load_domain(spec, fashion_root) for spec in tasks]
@@ -251,16 +278,18 @@ class TaskIncrementalStream(_Stream):
             raise UserInputError(f"task names must be distinct, got {names}")
 
 
-class ClassIncrementalStream(_Stream):
+class ClassIncrementalStream(ContinualStream):
     """One dataset's classes learned in steps; after step i the test covers all classes so far.
 
     Args:
         dataset: A packaged domain name or an image-folder dict (see TaskIncrementalStream).
         class_splits: The classes of each step, by name, in order; together they must cover
             every class exactly once.
-        image_size, train_size, test_size, batch_size, seed, fashion_root: As in
-            TaskIncrementalStream (sizes are per step).
+        image_size, train_size, test_size, batch_size, seed, fashion_root, epochs_per_task: As
+            in TaskIncrementalStream (sizes are per step).
     """
+
+    class_incremental = True
 
     def __init__(
         self,
@@ -272,8 +301,9 @@ class ClassIncrementalStream(_Stream):
         batch_size: int = 32,
         seed: int = 0,
         fashion_root: str | None = None,
+        epochs_per_task: int = 1,
     ) -> None:
-        super().__init__(image_size, train_size, test_size, batch_size, seed)
+        super().__init__(image_size, train_size, test_size, batch_size, seed, epochs_per_task)
         whole = load_domain(dataset, fashion_root)
         check_class_splits(class_splits, whole.class_names)
         offsets = np.cumsum([0] + [len(names) for names in class_splits])

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
 from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.adapters.rank_gates import soft_threshold_rank_gates
 from lightning_moe.module import AdapterModule
 
 
@@ -167,3 +168,29 @@ class ImagePredictionWriter(JsonlPredictionWriter):
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("predictions", grid, trainer.global_step)
         self.write_records(trainer, records)
+
+
+class RankGateShrinkage(L.Callback):
+    """CoDyRA's sparsity schedule: after every optimizer step, soft-threshold every rank gate by
+    lr x penalty_t, where penalty_t rises linearly from 0 to `penalty` over each task (the whole
+    fit when the data has no `epochs_per_task`). Early steps learn freely; later steps prune
+    the ranks the task does not need.
+
+    Args:
+        penalty: The L1 penalty on the gates at the end of a task.
+    """
+
+    def __init__(self, penalty: float = 1.0) -> None:
+        if penalty < 0:
+            raise UserInputError(f"penalty must be >= 0, got {penalty}")
+        self.penalty = penalty
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        batches = trainer.num_training_batches
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and batch_idx + 1 != batches:
+            return  # no optimizer step after this batch
+        epochs = getattr(trainer.datamodule, "epochs_per_task", trainer.max_epochs)
+        progress = ((trainer.current_epoch % epochs) * batches + batch_idx + 1) / (epochs * batches)
+        groups = trainer.optimizers[0].param_groups
+        lr = next((group["lr"] for group in groups if group.get("name") == "adapters"), groups[0]["lr"])
+        soft_threshold_rank_gates(pl_module, lr * self.penalty * progress)

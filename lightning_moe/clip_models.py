@@ -10,8 +10,9 @@ as RGB in [0, 1]; features come out L2-normalised.
   the MiniLM text tower (mean pooled), each followed by a new linear projection to `embed_dim`.
   The projections start random: the alignment stage (LiT: towers frozen, projections trained
   contrastively) makes it a CLIP; `clip_path` then loads the aligned weights.
-- `clip_config`: open_clip.CLIP arguments for a random model (the tiny CLIPs of the tests),
-  with open_clip's own BPE tokenizer (it ships with open_clip).
+- `clip_config`: open_clip arguments for a random model (the tiny CLIPs of the tests): a
+  CLIP with open_clip's own BPE tokenizer (it ships with open_clip), or a CustomTextCLIP whose
+  text tower is an HF model folder, with that folder's tokenizer.
 """
 
 from __future__ import annotations
@@ -91,6 +92,21 @@ def packaged_clip(embed_dim: int, image_size: int, cache_dir: str | None) -> Cli
     return ClipModel(clip, tokenizer, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def clip_from_config(clip_config: dict) -> ClipModel:
+    """A random CLIP from open_clip arguments: a CustomTextCLIP with its HF tokenizer when the
+    text tower names an HF model folder (`text_cfg.hf_model_name`), else a CLIP with open_clip's
+    BPE tokenizer."""
+    text = clip_config.get("text_cfg", {})
+    context = text.get("context_length", 77)
+    if "hf_model_name" in text:
+        clip = open_clip.CustomTextCLIP(**clip_config)
+        return ClipModel(
+            clip, HFTokenizer(text["hf_model_name"], context_length=context), IMAGENET_MEAN, IMAGENET_STD
+        )
+    clip = open_clip.CLIP(**clip_config)
+    return ClipModel(clip, open_clip.SimpleTokenizer(context_length=context), IMAGENET_MEAN, IMAGENET_STD)
+
+
 def build_clip(
     name: str | None = PACKAGED,
     clip_config: dict | None = None,
@@ -102,11 +118,7 @@ def build_clip(
     """The CLIP named by `name` (see the module docstring), or a random one from `clip_config`;
     `clip_path` then loads weights saved by `save_clip` (e.g. the aligned packaged CLIP)."""
     if clip_config is not None:
-        clip = open_clip.CLIP(**clip_config)
-        context = clip_config.get("text_cfg", {}).get("context_length", 77)
-        model = ClipModel(
-            clip, open_clip.SimpleTokenizer(context_length=context), IMAGENET_MEAN, IMAGENET_STD
-        )
+        model = clip_from_config(clip_config)
     elif name == PACKAGED:
         model = packaged_clip(embed_dim, image_size, cache_dir)
     elif name is not None and name.startswith("open_clip:"):
@@ -143,10 +155,47 @@ def load_clip_weights(model: ClipModel, folder: str | Path) -> None:
         )
 
 
-@torch.no_grad()
-def zero_shot_head(model: ClipModel, class_names: list[str], templates: list[str]) -> Tensor:
+def class_head(model: ClipModel, class_names: list[str], templates: list[str]) -> Tensor:
     """Class weights [C, embed_dim]: each class's template prompts encoded, averaged, normalised
-    (CLIP's prompt ensembling)."""
+    (CLIP's prompt ensembling). Differentiable, for training an adapted text tower."""
     prompts = [template.format(name) for name in class_names for template in templates]
     features = model.encode_texts(prompts).view(len(class_names), len(templates), -1)
     return F.normalize(features.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_head(model: ClipModel, class_names: list[str], templates: list[str]) -> Tensor:
+    """`class_head` without gradients: the zero-shot classifier of a CLIP."""
+    return class_head(model, class_names, templates)
+
+
+def text_tower_trains(model: ClipModel) -> bool:
+    """Whether anything that `encode_texts` uses has trainable parameters (so class heads change
+    with training and cannot be cached)."""
+    return any(
+        parameter.requires_grad
+        for name, parameter in model.clip.named_parameters()
+        if not name.startswith("visual.") and name != "logit_scale"
+    )
+
+
+class ImageFeatureCache:
+    """Unit-length image features. With a frozen timm image trunk (the packaged CLIP's), the
+    trunk's output is computed once per image key and reused, so later passes run only the
+    head (and any adapters in it); other towers are encoded every time."""
+
+    def __init__(self) -> None:
+        self.trunk_features: dict = {}
+
+    def __call__(self, model: ClipModel, images: Tensor, keys: list) -> Tensor:
+        visual = model.clip.visual
+        trunk = getattr(visual, "trunk", None)
+        if trunk is None or any(parameter.requires_grad for parameter in trunk.parameters()):
+            return model.encode_images(images)
+        missing = [row for row, key in enumerate(keys) if key not in self.trunk_features]
+        if missing:
+            with torch.no_grad():
+                features = trunk(model.normalize(images[missing]))
+            for row, feature in zip(missing, features, strict=True):
+                self.trunk_features[keys[row]] = feature
+        return F.normalize(visual.head(torch.stack([self.trunk_features[key] for key in keys])), dim=-1)

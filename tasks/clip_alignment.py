@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_moe.adapters.errors import UserInputError
-from lightning_moe.clip_models import build_clip, save_clip, zero_shot_head
+from lightning_moe.clip_models import ImageFeatureCache, build_clip, save_clip, zero_shot_head
 from lightning_moe.module import AdapterModule
 
 
@@ -76,7 +76,7 @@ class ClipAlignmentTask(AdapterModule):
         self.cache_dir = cache_dir
         self.accuracy = nn.ModuleList()
         self.heads: list[Tensor] = []
-        self.trunk_features: dict[int, Tensor] = {}
+        self.image_features = ImageFeatureCache()
 
     def build_model(self) -> nn.Module:
         return build_clip(
@@ -92,24 +92,8 @@ class ClipAlignmentTask(AdapterModule):
         if self.global_rank == 0:
             save_clip(self.model, folder, overwrite)
 
-    def image_features(self, batch: dict) -> Tensor:
-        """Unit-length image features. With a timm tower (trunk + head) the frozen trunk's output
-        is computed once per image and cached, so only the head runs at later steps."""
-        visual = self.model.clip.visual
-        if not hasattr(visual, "trunk"):  # a ViT ends in its projection: nothing frozen to reuse
-            return self.model.encode_images(batch["image"])
-        keys = batch["key"].tolist()
-        missing = [row for row, key in enumerate(keys) if key not in self.trunk_features]
-        if missing:
-            with torch.no_grad():
-                features = visual.trunk(self.model.normalize(batch["image"][missing]))
-            for row, feature in zip(missing, features, strict=True):
-                self.trunk_features[keys[row]] = feature
-        trunk = torch.stack([self.trunk_features[key] for key in keys])
-        return F.normalize(visual.head(trunk), dim=-1)
-
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
-        image = self.image_features(batch)
+        image = self.image_features(self.model, batch["image"], batch["key"].tolist())
         if not self.training:
             self.score_zero_shot(image, batch)
         text = self.model.encode_texts(list(batch["caption"]))

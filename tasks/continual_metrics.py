@@ -112,3 +112,13 @@ def task_incremental_summary(accuracy: Matrix, zero_shot: Sequence[float]) -> di
         "fwt": forward_transfer(accuracy, zero_shot),
         "forgetting": forgetting(accuracy),
     }
+
+
+def class_incremental_summary(accuracy: Matrix, test_sizes: Sequence[int]) -> dict[str, float]:
+    """Every class-incremental metric of one run, by name."""
+    return {
+        "avg_incremental": average_incremental_accuracy(accuracy, test_sizes),
+        "last_incremental": last_incremental_accuracy(accuracy, test_sizes),
+        "bwt": backward_transfer(accuracy),
+        "forgetting": forgetting(accuracy),
+    }

@@ -123,6 +123,60 @@ TINY_CLIP = {
         "mlp_ratio": 2.0,
     },
 }
+# The packaged CLIP's layout (timm trunk + head, HF BERT text tower) at test size: the continual
+# configs' adapter targets name its layers. The BERT folder is written by `write_tiny_minilm`.
+TINY_MINILM = "tiny_minilm"
+TINY_PACKAGED_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {
+        "timm_model_name": "test_efficientnet",
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": 16,
+    },
+    "text_cfg": {
+        "hf_model_name": TINY_MINILM,
+        "hf_tokenizer_name": TINY_MINILM,
+        "hf_pooler_type": "mean_pooler",
+        "hf_proj_type": "linear",
+        "context_length": 48,  # character-level tokens: a prompt's class name comes late
+    },
+}
+
+
+def write_tiny_minilm(folder: str | Path = TINY_MINILM) -> None:
+    """A 1-layer BERT with a character-level WordPiece vocabulary, saved as an HF folder."""
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = Path(folder)
+    if folder.exists():
+        return
+    folder.mkdir(parents=True)
+    characters = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *("##" + c for c in characters)]
+    BertTokenizer(vocab={token: index for index, token in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+
+
+STREAM_OVERRIDES = [
+    "--model.init_args.clip_config=" + json.dumps(TINY_PACKAGED_CLIP),
+    "--model.init_args.clip_path=null",
+    "--model.init_args.image_size=16",
+    "--data.init_args.image_size=16",
+    "--data.init_args.train_size=8",
+    "--data.init_args.test_size=4",
+    "--data.init_args.batch_size=4",
+]
 CONTINUAL_OVERRIDES = [
     "--model.init_args.clip_config=" + json.dumps(TINY_CLIP),
     "--model.init_args.image_size=16",
@@ -140,7 +194,6 @@ JUDGE_OVERRIDES = [
     "--data.init_args.batch_size=4",
 ]
 TINY_RUN_OVERRIDES = {
-    "continual": CONTINUAL_OVERRIDES,
     "judges": JUDGE_OVERRIDES,
     "reasoning": REASONING_OVERRIDES,
     "mixtures": REASONING_OVERRIDES,
@@ -240,6 +293,22 @@ def write_tiny_diffusion_files(experts: list[str], gate: str | None) -> None:
         save_concept_judge(judge, "resnet10t", "runs/judges/concept_judge")
 
 
+def continual_overrides(config: Path) -> list[str]:
+    """The alignment stage gets a tiny CLIP; a stream config gets a tiny CLIP of the packaged
+    layout (written here), two packaged tasks and one epoch per task."""
+    data_class = None
+    for path in config_files(config):
+        data_class = yaml.safe_load(path.read_text()).get("data", {}).get("class_path", data_class)
+    if data_class.endswith("AlignmentDataModule"):
+        return CONTINUAL_OVERRIDES
+    write_tiny_minilm()
+    return [
+        *STREAM_OVERRIDES,
+        "--data.init_args.tasks=[digits, textile]",
+        "--data.init_args.epochs_per_task=1",
+    ]
+
+
 @pytest.fixture
 def tiny_run_overrides():
     """The overrides that make a config's test run use a tiny model (none for tiny configs).
@@ -254,6 +323,8 @@ def tiny_run_overrides():
             write_tiny_experts(missing)
         if config.parent.name == "diffusion":
             return diffusion_overrides(config)
+        if config.parent.name == "continual":
+            return continual_overrides(config)
         return TINY_RUN_OVERRIDES.get(config.parent.name, [])
 
     return overrides

@@ -115,8 +115,9 @@ def test_cached_trunk_features_equal_encoding_the_images():
     for _ in range(2):  # the first epoch fills the cache, the second reads it
         for batch in loader:
             expected = task.model.encode_images(batch["image"])
-            torch.testing.assert_close(task.image_features(batch), expected, rtol=1e-5, atol=1e-6)
-    assert len(task.trunk_features) == 8
+            features = task.image_features(task.model, batch["image"], batch["key"].tolist())
+            torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    assert len(task.image_features.trunk_features) == 8
     keys = [data.splits["train"][i]["key"] for i in range(8)] + [
         data.splits["val"][i]["key"] for i in range(4)
     ]
