@@ -294,19 +294,49 @@ def write_tiny_diffusion_files(experts: list[str], gate: str | None) -> None:
 
 
 def continual_overrides(config: Path) -> list[str]:
-    """The alignment stage gets a tiny CLIP; a stream config gets a tiny CLIP of the packaged
-    layout (written here), two packaged tasks and one epoch per task."""
-    data_class = None
+    """The alignment stage gets a tiny CLIP. A stream config gets a tiny CLIP of its CLIP's layout
+    (the packaged one, written here, or open_clip's ViT), one epoch per task and two tasks:
+    packaged ones, or tiny image-folder roots (written here) when the config reads roots."""
+    data_class, model, data = None, {}, {}
     for path in config_files(config):
-        data_class = yaml.safe_load(path.read_text()).get("data", {}).get("class_path", data_class)
+        settings = yaml.safe_load(path.read_text())
+        data_class = settings.get("data", {}).get("class_path", data_class)
+        model |= settings.get("model", {}).get("init_args", {})
+        data |= settings.get("data", {}).get("init_args", {})
     if data_class.endswith("AlignmentDataModule"):
         return CONTINUAL_OVERRIDES
-    write_tiny_minilm()
+    if model.get("clip", "").startswith("open_clip:"):
+        clip = ["--model.init_args.clip_config=" + json.dumps(TINY_CLIP), *STREAM_OVERRIDES[1:]]
+    else:
+        write_tiny_minilm()
+        clip = STREAM_OVERRIDES
+    if any(isinstance(task, dict) for task in data.get("tasks", [])):
+        tasks = json.dumps(
+            [{"name": name, "root": str(write_image_folder(name))} for name in ("shapes", "shades")]
+        )
+    else:
+        tasks = "[digits, textile]"
     return [
-        *STREAM_OVERRIDES,
-        "--data.init_args.tasks=[digits, textile]",
+        *clip,
+        f"--data.init_args.tasks={tasks}",
         "--data.init_args.epochs_per_task=1",
+        "--trainer.precision=32-true",
     ]
+
+
+def write_image_folder(name: str, classes: int = 2, images: int = 4) -> Path:
+    """A tiny image-folder dataset, root/{train,test}/class_<c>/<i>.png, with a colour per class."""
+    from PIL import Image
+
+    root = Path("image_folders") / name
+    for split in ("train", "test"):
+        for label in range(classes):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(images):
+                colour = (80 * label + 10 * index, 40 * index, 200 - 60 * label)
+                Image.new("RGB", (12, 12), colour).save(folder / f"{index}.png")
+    return root
 
 
 @pytest.fixture

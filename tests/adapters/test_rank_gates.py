@@ -1,5 +1,7 @@
 """Rank-gated LoRA (CoDyRA) against its dense formula, the proximal step, and the task-end merge."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from lightning_moe.adapters.rank_gates import (
     rank_gated_layers,
     soft_threshold_rank_gates,
 )
+from lightning_moe.callbacks import RankGateShrinkage
 
 
 def gated_linear(seed: int = 0) -> nn.Sequential:
@@ -113,3 +116,26 @@ def test_config_round_trip_and_checkpoint(tmp_path):
     load_adapter(fresh, tmp_path / "a")
     x = torch.randn(2, 6)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("epoch", "batch_idx", "progress"),
+    [(0, 0, 1 / 8), (0, 3, 4 / 8), (1, 3, 8 / 8), (2, 1, 2 / 8)],  # 2 epochs of 4 batches per task
+)
+def test_the_shrinkage_rises_over_each_task(epoch, batch_idx, progress):
+    model = gated_linear()
+    with torch.no_grad():
+        model[0].adapter.rank_gates.copy_(torch.tensor([1.0, -1.0, 0.01, 0.5]))
+    groups = [{"name": "routers", "lr": 9.0}, {"name": "adapters", "lr": 0.1}]
+    trainer = SimpleNamespace(
+        num_training_batches=4,
+        accumulate_grad_batches=1,
+        datamodule=SimpleNamespace(epochs_per_task=2),
+        max_epochs=6,
+        current_epoch=epoch,
+        optimizers=[SimpleNamespace(param_groups=groups)],
+    )
+    RankGateShrinkage(penalty=2.0).on_train_batch_end(trainer, model, None, None, batch_idx)
+    amount = 0.1 * 2.0 * progress  # the adapters' learning rate x penalty x progress in the task
+    expected = torch.tensor([1.0 - amount, -1.0 + amount, 0.0, 0.5 - amount])
+    torch.testing.assert_close(model[0].adapter.rank_gates.detach(), expected)

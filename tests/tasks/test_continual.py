@@ -145,6 +145,10 @@ def test_class_incremental_future_classes_are_real_zeros(tmp_path, monkeypatch):
             "--data.init_args.tasks=[digits, textile, mnist-5k, fashion-mnist, digits2]",
             "unknown dataset 'digits2'",
         ),
+        (
+            "--data.init_args.tasks=[digits, {name: cars, root: /no/cars}]",
+            "dataset root /no/cars of task 'cars' does not exist",
+        ),
     ],
 )
 def test_bad_stream_settings_stop_before_training(tmp_path, monkeypatch, override, message):
@@ -164,3 +168,17 @@ def test_too_few_task_slots_stop_before_training(tmp_path, monkeypatch):
             "--model.init_args.adapters=[{targets: [head.proj], adapter: {kind: mora, rank: 2, num_tasks: 1, top_k: 1}}]",
         )
     assert "num_tasks=1, but the stream has 2 tasks" in str(exit_info.value.code)
+
+
+def test_a_class_split_that_misses_classes_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        fit_stream(
+            tmp_path / "runs",
+            "lora",
+            "--data=lightning_moe.data.continual_streams.ClassIncrementalStream",
+            "--data.init_args.dataset=digits",
+            '--data.init_args.class_splits=[["0", "1"], ["2", "3"]]',
+        )
+    assert "missing ['4', '5', '6', '7', '8', '9']" in str(exit_info.value.code)
+    assert not list(tmp_path.rglob("accuracy_matrix.json"))
