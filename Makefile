@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/adapter_layers.py --output docs/benchmarks.md
 	$(PY) benchmarks/lora_mixtures.py --output docs/benchmarks_mixtures.md
 	$(PY) benchmarks/end_to_end.py --output docs/benchmarks_end_to_end.md
+	$(PY) benchmarks/continual_adapters.py --output docs/benchmarks_continual.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -185,7 +185,9 @@ class RankGateShrinkage(L.Callback):
             raise UserInputError(f"penalty must be >= 0, got {penalty}")
         self.penalty = penalty
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         batches = trainer.num_training_batches
         if (batch_idx + 1) % trainer.accumulate_grad_batches and batch_idx + 1 != batches:
             return  # no optimizer step after this batch

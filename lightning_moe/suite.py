@@ -47,7 +47,7 @@ def run_suite(
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     check_suite(stream, methods, seeds)
     overrides = list(overrides or [])
-    for method, config in methods.items():  # every config parses before anything trains
+    for config in methods.values():  # every config parses before anything trains
         cli_main(["--config", stream, "--config", config, *overrides], run=False)
     for method, config in methods.items():
         for seed in seeds:
@@ -98,7 +98,8 @@ def run_method(stream: str, config: str, seed: int, folder: Path, overrides: lis
 def write_tables(output_dir: Path, methods: list[str], seeds: list[int]) -> str:
     """results.md and results.csv: mean ± std over seeds, zero-shot CLIP first."""
     records = {
-        method: [ContinualRecord.read(output_dir / method / f"seed{seed}") for seed in seeds] for method in methods
+        method: [ContinualRecord.read(output_dir / method / f"seed{seed}") for seed in seeds]
+        for method in methods
     }
     results = {ZERO_SHOT: [record.zero_shot_summary() for record in records[methods[0]]]}
     results |= {method: [record.summary() for record in runs] for method, runs in records.items()}

@@ -103,8 +103,8 @@ class ContinualClipTask(AdapterModule):
 
     def head(self, start: int, stop: int) -> Tensor:
         """Class weights of tasks start..stop-1, in the stream's class order."""
-        if self.training and text_tower_trains(self.model):
-            return self._encode_head(start, stop)
+        if self.model.training and text_tower_trains(self.model):
+            return self._encode_head(start, stop)  # with gradients, changing every step
         if (start, stop) not in self.heads:
             with torch.no_grad():
                 self.heads[(start, stop)] = self._encode_head(start, stop)
@@ -158,7 +158,7 @@ class ContinualClipTask(AdapterModule):
                 self.stream.test_sizes(),
                 zero_shot,
             )
-            self.record.write(self.run_folder)
+            self.write_record()
 
     def check_stream(self) -> None:
         """Everything the stream protocol needs, checked before anything trains."""
@@ -193,6 +193,10 @@ class ContinualClipTask(AdapterModule):
     def run_folder(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
+    def write_record(self) -> None:
+        if self.global_rank == 0:  # every process evaluates the same matrix; one writes it
+            self.record.write(self.run_folder)
+
     def on_train_epoch_start(self) -> None:
         epoch = self.trainer.current_epoch
         set_active_task(self.model, self.stream.task_of_epoch(epoch))
@@ -208,7 +212,7 @@ class ContinualClipTask(AdapterModule):
         kept = end_task(self.model)
         row = self.accuracy_row(task)
         self.record.add_row(row, kept)
-        self.record.write(self.run_folder)
+        self.write_record()
         if self.injection.adapted:
             self.export_adapter(str(self.run_folder / "tasks" / f"task{task}"), overwrite=True)
         self.log_task_end(task, row, kept)

@@ -74,7 +74,9 @@ class ContinualRecord:
             "zero_shot_summary": self.zero_shot_summary(),
         }
         (folder / RECORD_FILE).write_text(json.dumps(report, indent=1))
-        np.save(folder / "accuracy_matrix.npy", np.array(self.matrix, dtype=float).reshape(-1, len(self.tasks)))
+        np.save(
+            folder / "accuracy_matrix.npy", np.array(self.matrix, dtype=float).reshape(-1, len(self.tasks))
+        )
         np.save(folder / "zero_shot_matrix.npy", np.array(self.zero_shot_matrix, dtype=float))
 
     @classmethod
@@ -114,5 +116,7 @@ def mean_std_table(results: dict[str, list[dict[str, float]]]) -> tuple[str, str
         mean, std = values.mean(axis=0), values.std(axis=0)
         cells = [f"{m:.1f} ± {s:.1f}" for m, s in zip(mean, std, strict=True)]
         markdown.append("| " + " | ".join([method, str(len(runs)), *cells]) + " |")
-        writer.writerow([method, len(runs)] + [f"{v:.4f}" for pair in zip(mean, std, strict=True) for v in pair])
+        writer.writerow(
+            [method, len(runs)] + [f"{v:.4f}" for pair in zip(mean, std, strict=True) for v in pair]
+        )
     return "\n".join(markdown) + "\n", buffer.getvalue()

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import RankExpertsConfig
-from .errors import AdapterConfigError
 from .lora import zero_update_init_
+from .rank_store import append_ranks, layers_with_adapter
 
 
 class RankExpertsAdapter(nn.Module):
@@ -89,15 +89,14 @@ class RankExpertsAdapter(nn.Module):
         them to the frozen atoms, start fresh ones; returns how many were kept."""
         share = self.usage / self.seen_tokens.clamp(min=1)
         keep = (share >= self.config.prune_below).nonzero().flatten()
-        start = int(self.frozen_count)
-        if start + len(keep) > self.frozen_A.shape[0]:
-            raise AdapterConfigError(
-                f"the rank experts hold atoms of num_tasks={self.config.num_tasks} tasks and are full; "
-                "raise num_tasks"
-            )
-        self.frozen_A[start : start + len(keep)] = self.lora_A[keep]
-        self.frozen_B[:, start : start + len(keep)] = self.lora_B[:, keep]
-        self.frozen_count += len(keep)
+        append_ranks(
+            self.frozen_A,
+            self.frozen_B,
+            self.frozen_count,
+            self.lora_A[keep],
+            self.lora_B[:, keep],
+            f"the rank experts hold atoms of num_tasks={self.config.num_tasks} tasks and are full; raise num_tasks",
+        )
         self.reset_current()
         return len(keep)
 
@@ -105,7 +104,6 @@ class RankExpertsAdapter(nn.Module):
 def freeze_rank_expert_tasks(model: nn.Module) -> dict[str, int]:
     """`freeze_task_atoms` on every rank-expert layer; returns the atoms each kept."""
     return {
-        name: module.adapter.freeze_task_atoms()
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "adapter", None), RankExpertsAdapter)
+        name: layer.adapter.freeze_task_atoms()
+        for name, layer in layers_with_adapter(model, RankExpertsAdapter)
     }

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import RankGatedLoraConfig
-from .errors import AdapterConfigError
 from .lora import zero_update_init_
+from .rank_store import append_ranks, layers_with_adapter
 
 
 class RankGatedLoraAdapter(nn.Module):
@@ -72,17 +72,15 @@ class RankGatedLoraAdapter(nn.Module):
         """Append the ranks whose gate is not 0 (gate and scaling folded into B) to the merged
         store, then start fresh ranks; returns how many ranks were kept."""
         keep = self.rank_gates.nonzero().flatten()
-        start = int(self.merged_count)
-        if start + len(keep) > self.merged_A.shape[0]:
-            raise AdapterConfigError(
-                f"the rank-gated layer holds merged ranks of num_tasks={self.config.num_tasks} tasks and is "
-                "full; raise num_tasks"
-            )
-        self.merged_A[start : start + len(keep)] = self.lora_A[keep]
-        self.merged_B[:, start : start + len(keep)] = (
-            self.lora_B[:, keep] * self.rank_gates[keep] * self.scaling
+        append_ranks(
+            self.merged_A,
+            self.merged_B,
+            self.merged_count,
+            self.lora_A[keep],
+            self.lora_B[:, keep] * self.rank_gates[keep] * self.scaling,
+            f"the rank-gated layer holds merged ranks of num_tasks={self.config.num_tasks} tasks and is full; "
+            "raise num_tasks",
         )
-        self.merged_count += len(keep)
         self.reset()
         return len(keep)
 
@@ -93,11 +91,7 @@ class RankGatedLoraAdapter(nn.Module):
 
 def rank_gated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, AdaptedLinear) of every layer with a rank-gated adapter."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "adapter", None), RankGatedLoraAdapter)
-    ]
+    return layers_with_adapter(model, RankGatedLoraAdapter)
 
 
 @torch.no_grad()

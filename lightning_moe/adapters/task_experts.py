@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .config import TaskMoEConfig
 from .errors import AdapterConfigError
 from .moe import MoELoraAdapter
+from .rank_store import layers_with_adapter
 from .routing import TopKRouter
 
 
@@ -94,11 +95,8 @@ class TaskRoutedExpertsAdapter(MoELoraAdapter):
 
 
 def task_routed_layers(model: nn.Module) -> list[tuple[str, TaskRoutedExpertsAdapter]]:
-    return [
-        (name, module.adapter)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "adapter", None), TaskRoutedExpertsAdapter)
-    ]
+    """(name, adapter) of every MoE-Adapters layer."""
+    return [(name, layer.adapter) for name, layer in layers_with_adapter(model, TaskRoutedExpertsAdapter)]
 
 
 def set_active_task(model: nn.Module, task: int | None) -> None:
