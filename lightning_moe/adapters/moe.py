@@ -43,12 +43,19 @@ class ExpertBank(nn.Module):
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
 
-    def forward(self, x: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto") -> Tensor:
-        """x: [N, in]; indices, weights: [N, k] -> [N, out]."""
+    def forward(
+        self, x: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto", frozen: Tensor | None = None
+    ) -> Tensor:
+        """x: [N, in]; indices, weights: [N, k] -> [N, out]. Experts marked in `frozen` ([E] bool)
+        act as usual but get no gradient (their weights enter detached)."""
         x = self.dropout(x.to(self.lora_A.dtype))
         weights = (weights * self.scaling).to(x.dtype)
+        A, B = self.lora_A, self.lora_B
+        if frozen is not None and bool(frozen.any()):
+            mask = frozen.view(-1, 1, 1)
+            A, B = torch.where(mask, A.detach(), A), torch.where(mask, B.detach(), B)
         compute = expert_backend(backend, x, self.num_experts, indices.shape[-1])
-        return compute(x, self.lora_A, self.lora_B, indices, weights)
+        return compute(x, A, B, indices, weights)
 
 
 class MoELoraAdapter(nn.Module):
@@ -89,6 +96,10 @@ class MoELoraAdapter(nn.Module):
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.router(flat)
 
+    def frozen_mask(self) -> Tensor | None:
+        """Experts that must not train (none here; MoE-Adapters freezes some)."""
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         lead_shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
@@ -97,5 +108,5 @@ class MoELoraAdapter(nn.Module):
             self.collector.record(
                 RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), indices.view(*lead_shape, -1))
             )
-        delta = self.experts(flat, indices, weights, self.backend)
+        delta = self.experts(flat, indices, weights, self.backend, self.frozen_mask())
         return delta.view(*lead_shape, delta.shape[-1])

@@ -3,7 +3,8 @@ Mixture-of-Experts Adapters"): a bank of LoRA experts shared by all tasks, one r
 
 Training task t uses router t, so each task learns its own mix of the shared experts. After
 each task the experts its router used most (counted per token) are frozen, so later tasks can
-still route to them but no longer change them; gradients of frozen experts are zeroed.
+still route to them but no longer change them: frozen experts enter the computation detached,
+so they get no gradient.
 
 Evaluation routes a test set with the router of its task. A task with no trained router yet
 (`set_active_task(model, None)`) gets no adapter update: the frozen base answers, which is what
@@ -43,8 +44,6 @@ class TaskRoutedExpertsAdapter(MoELoraAdapter):
         self.freeze_per_task = config.freeze_per_task
         self.register_buffer("frozen_experts", torch.zeros(config.num_experts, dtype=torch.bool))
         self.register_buffer("usage", torch.zeros(config.num_experts), persistent=False)
-        for parameter in (self.experts.lora_A, self.experts.lora_B):
-            parameter.register_hook(self._zero_frozen_gradients)
 
     def build_router(self, base_layer: nn.Linear, config: TaskMoEConfig, factory: dict) -> nn.Module:
         return TaskRouters(
@@ -57,8 +56,8 @@ class TaskRoutedExpertsAdapter(MoELoraAdapter):
             **factory,
         )
 
-    def _zero_frozen_gradients(self, grad: Tensor) -> Tensor:
-        return grad.masked_fill(self.frozen_experts.view(-1, 1, 1), 0.0)
+    def frozen_mask(self) -> Tensor:
+        return self.frozen_experts
 
     def set_task(self, task: int | None) -> None:
         if task is not None and not 0 <= task < len(self.router.tasks):

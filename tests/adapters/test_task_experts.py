@@ -1,6 +1,8 @@
 """MoE-Adapters (shared experts, per-task routers, frozen most-used experts) against a plain
 mixture of LoRA experts, and the task boundary of every continual adapter."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -98,3 +100,15 @@ def test_config_round_trip_checkpoint_and_bad_values(tmp_path):
         set_active_task(model, task)
         set_active_task(fresh, task)
         torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["loop", "dense", "grouped"])
+def test_frozen_experts_get_no_gradient_on_every_backend_and_in_copies(backend):
+    model = task_moe_linear(backend=backend)
+    model[0].adapter.frozen_experts[1] = True
+    for candidate in (model, copy.deepcopy(model)):
+        experts = candidate[0].adapter.experts
+        candidate(torch.randn(32, 6)).square().sum().backward()
+        for parameter in (experts.lora_A, experts.lora_B):
+            assert torch.equal(parameter.grad[1], torch.zeros_like(parameter.grad[1]))
+            assert all(parameter.grad[i].abs().sum() > 0 for i in (0, 2, 3))
