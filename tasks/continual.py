@@ -168,6 +168,11 @@ class ContinualClipTask(AdapterModule):
                 f"ContinualClipTask trains on a continual stream (TaskIncrementalStream or "
                 f"ClassIncrementalStream), got data {type(stream).__name__}"
             )
+        if stream.image_size != self.image_size:
+            raise UserInputError(
+                f"the stream's images are {stream.image_size} px but the CLIP sees {self.image_size} px; set "
+                "data.init_args.image_size and model.init_args.image_size to the same value"
+            )
         tasks, epochs = len(stream.tasks), stream.epochs_per_task
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs > tasks * epochs:

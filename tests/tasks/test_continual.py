@@ -141,6 +141,7 @@ def test_class_incremental_future_classes_are_real_zeros(tmp_path, monkeypatch):
     [
         ("--trainer.max_epochs=3", "max_epochs=3 must be at most tasks x epochs_per_task"),
         ("--trainer.reload_dataloaders_every_n_epochs=0", "reload_dataloaders_every_n_epochs=0"),
+        ("--data.init_args.image_size=32", "the stream's images are 32 px but the CLIP sees 16 px"),
         (
             "--data.init_args.tasks=[digits, textile, mnist-5k, fashion-mnist, digits2]",
             "unknown dataset 'digits2'",
