@@ -64,7 +64,8 @@ class MixtureGate(nn.Module):
             self.net = output
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).float()
+        logits = self.net(x)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 stays
 
 
 class LoraMixtureAdapter(nn.Module):

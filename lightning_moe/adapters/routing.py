@@ -66,7 +66,7 @@ class RoutingCollector:
 class TopKRouter(nn.Module):
     """Linear gate over E experts; picks the top-k per token.
 
-    Returns (indices [N, k], weights [N, k], logits [N, E]). Probabilities are computed in fp32.
+    Returns (indices [N, k], weights [N, k], logits [N, E]). Probabilities are computed in at least fp32.
     With k > 1 the chosen probabilities are renormalised to sum to 1; with k == 1 the weight is
     either the probability itself ("prob") or 1 with the probability's gradient
     ("straight_through"), so the router always learns from the task loss.
@@ -92,7 +92,8 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x * noise
-        logits = self.gate(x.to(self.gate.weight.dtype)).float()
+        logits = self.gate(x.to(self.gate.weight.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 stays
         probs = logits.softmax(dim=-1)
         top_probs, indices = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:

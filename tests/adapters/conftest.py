@@ -15,8 +15,9 @@ from torch import nn
 VOCAB_SIZE = 64
 
 
-def build_llama(seed: int = 0, hidden_size: int = 32) -> nn.Module:
-    """A 2-layer Llama (GQA attention, SwiGLU MLP) with random weights, in eval mode."""
+def build_llama(seed: int = 0, hidden_size: int = 32, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A 2-layer Llama (GQA attention, SwiGLU MLP) with random weights, in eval mode; the weights
+    are drawn in fp32 whatever `dtype`, so a float64 model holds the same values."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -29,7 +30,7 @@ def build_llama(seed: int = 0, hidden_size: int = 32) -> nn.Module:
         max_position_embeddings=64,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def build_clip(seed: int = 0) -> nn.Module:

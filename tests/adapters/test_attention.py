@@ -11,7 +11,10 @@ from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, adapt
 from lightning_moe.adapters.attention import LinearMultiheadAttention
 from lightning_moe.adapters.errors import AdapterConfigError
 from tests.adapters.conftest import randomize_adapters
+from tests.conftest import assert_same_maths
 
+# Same maths as torch's attention through other kernels (SDPA, fused projection): compared in
+# float64 (see assert_same_maths), so the CPU's choice of kernels cannot matter.
 WIDTH, HEADS = 16, 4
 
 
@@ -19,7 +22,9 @@ def attention_pair(
     batch_first: bool, dropout: float = 0.0
 ) -> tuple[nn.MultiheadAttention, LinearMultiheadAttention]:
     torch.manual_seed(0)
-    reference = nn.MultiheadAttention(WIDTH, HEADS, dropout=dropout, batch_first=batch_first)
+    reference = nn.MultiheadAttention(
+        WIDTH, HEADS, dropout=dropout, batch_first=batch_first, dtype=torch.float64
+    )
     with torch.no_grad():
         reference.in_proj_bias.normal_()
         reference.out_proj.bias.normal_()
@@ -31,7 +36,7 @@ def inputs(batch_first: bool, cross: bool, batch: int = 3, length: int = 5, sour
 
     def make(n):
         shape = (batch, n, WIDTH) if batch_first else (n, batch, WIDTH)
-        return torch.randn(shape, generator=generator, requires_grad=True)
+        return torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
 
     query = make(length)
     if not cross:
@@ -48,7 +53,7 @@ def masks(kind: str, length: int, source: int, batch: int = 3):
     if kind == "float_per_head":
         return {
             "attn_mask": torch.randn(
-                batch * HEADS, length, source, generator=torch.Generator().manual_seed(2)
+                batch * HEADS, length, source, generator=torch.Generator().manual_seed(2), dtype=torch.float64
             )
         }
     padding = torch.zeros(batch, source, dtype=torch.bool)
@@ -72,9 +77,9 @@ def test_same_outputs_weights_and_gradients_as_torch(batch_first, cross, mask, n
     options = masks(mask, length, source) | {"need_weights": need_weights}
     expected, expected_weights = reference(query, key, value, **options)
     got, got_weights = ours(query, key, value, **options)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_same_maths(got, expected)
     if need_weights:
-        torch.testing.assert_close(got_weights, expected_weights, rtol=1e-5, atol=1e-6)
+        assert_same_maths(got_weights, expected_weights)
     else:
         assert got_weights is None
     leaves = [query] if not cross else [query, key]
@@ -83,25 +88,25 @@ def test_same_outputs_weights_and_gradients_as_torch(batch_first, cross, mask, n
         gradients(reference, [(expected**2).sum(), *leaves]),
         strict=True,
     ):
-        torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-4, atol=1e-5)
+        assert_same_maths(ours_grad, reference_grad)
 
 
 def test_unbatched_input_and_per_head_weights():
     reference, ours = attention_pair(batch_first=True)
-    x = torch.randn(5, WIDTH)
+    x = torch.randn(5, WIDTH, dtype=torch.float64)
     expected, expected_weights = reference(x, x, x, average_attn_weights=False)
     got, got_weights = ours(x, x, x, average_attn_weights=False)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_weights, expected_weights, rtol=1e-5, atol=1e-6)
+    assert_same_maths(got, expected)
+    assert_same_maths(got_weights, expected_weights)
     assert got_weights.shape == (HEADS, 5, 5)
 
 
 def test_it_shares_the_parameters_and_drops_out_only_in_training():
     reference, ours = attention_pair(batch_first=True, dropout=0.5)
     assert ours.in_proj.weight is reference.in_proj_weight and ours.out_proj is reference.out_proj
-    x = torch.randn(2, 5, WIDTH)
+    x = torch.randn(2, 5, WIDTH, dtype=torch.float64)
     ours.eval()
-    torch.testing.assert_close(ours(x, x, x)[0], reference.eval()(x, x, x)[0], rtol=1e-5, atol=1e-5)
+    assert_same_maths(ours(x, x, x)[0], reference.eval()(x, x, x)[0])
     ours.train()
     assert not torch.allclose(ours(x, x, x, need_weights=False)[0], ours(x, x, x, need_weights=False)[0])
 
@@ -119,15 +124,15 @@ def encode(model, images, tokens):
 
 
 def test_lora_on_open_clip_attention_equals_the_merged_weights(make_clip):
-    model = make_clip()
+    model = make_clip().double()
     reference = copy.deepcopy(model)
-    images = torch.randn(2, 3, 16, 16)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     tokens = torch.randint(0, 50, (2, 8))
     before = encode(model, images, tokens)
     report = inject(model, [AdapterRule(targets=ATTENTION_AND_MLP, adapter=LoraConfig(rank=2))])
     assert sum(name.endswith("attn.in_proj") for name in report.adapted) == 2  # one per tower
     for got, expected in zip(encode(model, images, tokens), before, strict=True):  # B = 0: no change yet
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert_same_maths(got, expected)
     randomize_adapters(model)
     # the reference: torch's own attention with every update added to the weights it reads
     with torch.no_grad():
@@ -137,7 +142,7 @@ def test_lora_on_open_clip_attention_equals_the_merged_weights(make_clip):
             weight = target.in_proj_weight if projection == "in_proj" else getattr(target, projection).weight
             weight += layer._delta_weight()
     for got, expected in zip(encode(model, images, tokens), encode(reference, images, tokens), strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert_same_maths(got, expected)
 
 
 def test_moe_experts_on_open_clip_attention_train(make_clip):

@@ -20,6 +20,11 @@ from lightning_moe.adapters import (
     save_adapter,
 )
 from lightning_moe.adapters.checkpoint import adapter_state_dict
+from tests.conftest import assert_same_maths
+
+# peft and we compute the same LoRA maths through different code (and kernels); those comparisons
+# run in float64 (see assert_same_maths)
+F64 = torch.float64
 
 
 def logits(model, input_ids) -> torch.Tensor:
@@ -27,9 +32,10 @@ def logits(model, input_ids) -> torch.Tensor:
         return model(input_ids).logits
 
 
-def peft_lora_folder(make_llama, folder, seed: int = 0, **config):
-    """Make a LoRA with peft itself, give lora_B random values, save it as safetensors."""
-    peft_model = peft.get_peft_model(make_llama(), peft.LoraConfig(**config))
+def peft_lora_folder(make_llama, folder, seed: int = 0, dtype: torch.dtype = torch.float32, **config):
+    """Make a LoRA with peft itself (on a base in `dtype`), give lora_B random values, save it as
+    safetensors."""
+    peft_model = peft.get_peft_model(make_llama().to(dtype), peft.LoraConfig(**config))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -59,11 +65,11 @@ def peft_lora_folder(make_llama, folder, seed: int = 0, **config):
 )
 def test_import_peft_reproduces_the_peft_model(make_llama, input_ids, tmp_path, config):
     folder = tmp_path / "peft"
-    peft_model = peft_lora_folder(make_llama, folder, **config)
+    peft_model = peft_lora_folder(make_llama, folder, dtype=F64, **config)
     expected = logits(peft_model, input_ids)
-    assert not torch.allclose(expected, logits(make_llama(), input_ids), atol=1e-4)
+    assert not torch.allclose(expected, logits(make_llama(dtype=F64), input_ids), atol=1e-4)
 
-    ours = make_llama()
+    ours = make_llama(dtype=F64)
     report = import_peft(ours, folder)
     assert set(report.adapted.values()) == {"lora"}
     peft_modules = {
@@ -76,12 +82,12 @@ def test_import_peft_reproduces_the_peft_model(make_llama, input_ids, tmp_path, 
         peft_layer = peft_model.base_model.model.get_submodule(name)
         assert layer.adapter.scaling == peft_layer.scaling["default"], name
         assert layer.adapter.lora_A.shape == peft_layer.lora_A["default"].weight.shape
-    torch.testing.assert_close(logits(ours, input_ids), expected, rtol=1e-6, atol=1e-6)
+    assert_same_maths(logits(ours, input_ids), expected)
     assert all(not p.requires_grad for n, p in ours.named_parameters() if ".adapter." not in n)
 
 
-def our_lora_model(make_llama, rules, seed: int = 0):
-    model = make_llama()
+def our_lora_model(make_llama, rules, seed: int = 0, dtype: torch.dtype = torch.float32):
+    model = make_llama(dtype=dtype)
     inject(model, rules)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -102,7 +108,7 @@ RSLORA_RULES = [
 
 @pytest.mark.parametrize("rules", [MIXED_RULES, RSLORA_RULES], ids=["two_ranks", "rslora"])
 def test_export_loads_in_peft_with_the_same_outputs(make_llama, input_ids, tmp_path, rules):
-    model = our_lora_model(make_llama, rules)
+    model = our_lora_model(make_llama, rules, dtype=F64)
     expected = logits(model, input_ids)
     folder = export_peft(model, tmp_path / "export", base_model_name_or_path="tiny-llama")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -111,23 +117,23 @@ def test_export_loads_in_peft_with_the_same_outputs(make_llama, input_ids, tmp_p
     assert config["r"] in ranks.values() and config["rank_pattern"] and not config["use_rslora"]
     assert {name: config["rank_pattern"].get(name, config["r"]) for name in ranks} == ranks
 
-    peft_model = peft.PeftModel.from_pretrained(make_llama(), str(folder)).eval()
+    peft_model = peft.PeftModel.from_pretrained(make_llama(dtype=F64), str(folder)).eval()
     for name, layer in adapted_layers(model):
         peft_layer = peft_model.base_model.model.get_submodule(name)
         assert peft_layer.r["default"] == ranks[name]
         assert peft_layer.scaling["default"] == pytest.approx(layer.adapter.scaling, rel=1e-15)
         assert torch.equal(peft_layer.lora_B["default"].weight, layer.adapter.lora_B)
-    torch.testing.assert_close(logits(peft_model, input_ids), expected, rtol=1e-6, atol=1e-6)
+    assert_same_maths(logits(peft_model, input_ids), expected)
 
 
 def test_export_of_a_trained_pissa_adapter_loads_in_peft(make_llama, input_ids, tmp_path):
-    model = make_llama()
+    model = make_llama(dtype=F64)
     inject(
         model,
         [AdapterRule(targets=["q_proj", "mlp.up_proj"], adapter=LoraConfig(rank=3, alpha=6, init="pissa"))],
     )
     with torch.no_grad():
-        assert torch.allclose(logits(model, input_ids), logits(make_llama(), input_ids), atol=1e-5)
+        assert torch.allclose(logits(model, input_ids), logits(make_llama(dtype=F64), input_ids), atol=1e-5)
     # one fake training step moves A and B away from the principal factors
     model.train()
     model(input_ids, labels=input_ids).loss.backward()
@@ -137,13 +143,13 @@ def test_export_of_a_trained_pissa_adapter_loads_in_peft(make_llama, input_ids, 
                 parameter -= 5.0 * parameter.grad
     model.eval()
     expected = logits(model, input_ids)
-    assert not torch.allclose(expected, logits(make_llama(), input_ids), atol=1e-4)
+    assert not torch.allclose(expected, logits(make_llama(dtype=F64), input_ids), atol=1e-4)
 
     folder = export_peft(model, tmp_path / "pissa")
     tensors = load_file(folder / "adapter_model.safetensors")
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (6, 32)
-    peft_model = peft.PeftModel.from_pretrained(make_llama(), str(folder)).eval()
-    torch.testing.assert_close(logits(peft_model, input_ids), expected, rtol=1e-5, atol=1e-5)
+    peft_model = peft.PeftModel.from_pretrained(make_llama(dtype=F64), str(folder)).eval()
+    assert_same_maths(logits(peft_model, input_ids), expected)
 
 
 def test_round_trip_ours_peft_ours_is_exact(make_llama, input_ids, tmp_path):

@@ -8,11 +8,13 @@ from lightning_moe.adapters import AdapterRule, inject, load_adapter, save_adapt
 from lightning_moe.adapters.config import RankExpertsConfig
 from lightning_moe.adapters.errors import AdapterConfigError
 from lightning_moe.adapters.rank_experts import freeze_rank_expert_tasks
+from tests.conftest import assert_same_maths
 
 
-def experts_linear(**options) -> nn.Sequential:
+def experts_linear(dtype: torch.dtype = torch.float32, **options) -> nn.Sequential:
+    """float64 where a test compares against the loop reference (see assert_same_maths)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5))
+    model = nn.Sequential(nn.Linear(6, 5, dtype=dtype))
     config = RankExpertsConfig(rank=4, alpha=4, **({"num_tasks": 3, "top_k": 2} | options))
     inject(model, [AdapterRule(targets=["0"], adapter=config)])
     with torch.no_grad():
@@ -38,31 +40,31 @@ def top2(p):
 
 
 def test_training_output_and_gradients_equal_the_loop_reference():
-    model = experts_linear().train()
+    model = experts_linear(torch.float64).train()
     adapter = model[0].adapter
-    x = torch.randn(7, 6)
+    x = torch.randn(7, 6, dtype=torch.float64)
     out = adapter(x)
     A, B = (p.detach().clone().requires_grad_(True) for p in (adapter.lora_A, adapter.lora_B))
     expected = loop_reference(x, A, B, 1.0, 1.0, top2)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert_same_maths(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
-    torch.testing.assert_close(adapter.lora_A.grad, A.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(adapter.lora_B.grad, B.grad, rtol=1e-4, atol=1e-5)
+    assert_same_maths(adapter.lora_A.grad, A.grad)
+    assert_same_maths(adapter.lora_B.grad, B.grad)
 
 
 def test_evaluation_keeps_atoms_above_the_threshold():
-    model = experts_linear(eval_threshold=0.2, temperature=0.5).eval()
+    model = experts_linear(torch.float64, eval_threshold=0.2, temperature=0.5).eval()
     adapter = model[0].adapter
-    x = torch.randn(5, 6)
+    x = torch.randn(5, 6, dtype=torch.float64)
     expected = loop_reference(x, adapter.lora_A, adapter.lora_B, 1.0, 0.5, lambda p: p >= 0.2)
-    torch.testing.assert_close(adapter(x), expected, rtol=1e-5, atol=1e-6)
+    assert_same_maths(adapter(x), expected)
 
 
 def test_frozen_tasks_keep_their_atoms_and_get_no_gradient():
-    model = experts_linear().train()
+    model = experts_linear(torch.float64).train()
     adapter = model[0].adapter
-    x = torch.randn(9, 6)
+    x = torch.randn(9, 6, dtype=torch.float64)
     adapter(x)
     first_A, first_B = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone()
     assert freeze_rank_expert_tasks(model) == {"0": 4}
@@ -77,7 +79,7 @@ def test_frozen_tasks_keep_their_atoms_and_get_no_gradient():
         adapter.lora_B.normal_()
     adapter.eval()
     expected = loop_reference(x, A, torch.cat([first_B, adapter.lora_B], 1), 1.0, 1.0, top2)
-    torch.testing.assert_close(adapter(x), expected, rtol=1e-5, atol=1e-6)
+    assert_same_maths(adapter(x), expected)
 
 
 def test_rarely_chosen_atoms_are_pruned_and_capacity_is_enforced():

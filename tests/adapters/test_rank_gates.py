@@ -15,11 +15,13 @@ from lightning_moe.adapters.rank_gates import (
     soft_threshold_rank_gates,
 )
 from lightning_moe.callbacks import RankGateShrinkage
+from tests.conftest import assert_same_maths
 
 
-def gated_linear(seed: int = 0) -> nn.Sequential:
+def gated_linear(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """float64 where a test compares against the dense formula (see assert_same_maths)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 5))
+    model = nn.Sequential(nn.Linear(6, 5, dtype=dtype))
     inject(model, [AdapterRule(targets=["0"], adapter=RankGatedLoraConfig(rank=4, alpha=8))])
     adapter = model[0].adapter
     with torch.no_grad():
@@ -29,21 +31,21 @@ def gated_linear(seed: int = 0) -> nn.Sequential:
 
 
 def test_output_and_gradients_equal_the_dense_formula():
-    model = gated_linear()
+    model = gated_linear(dtype=torch.float64)
     layer = model[0]
     adapter = layer.adapter
-    x = torch.randn(3, 6)
+    x = torch.randn(3, 6, dtype=torch.float64)
     out = model(x)
     A, B, g = (
         p.detach().clone().requires_grad_(True) for p in (adapter.lora_A, adapter.lora_B, adapter.rank_gates)
     )
     weight = layer.base_layer.weight + 2.0 * B @ torch.diag(g) @ A  # scaling alpha / r = 2
     expected = x @ weight.T + layer.base_layer.bias
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert_same_maths(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
     for ours, reference in zip((adapter.lora_A, adapter.lora_B, adapter.rank_gates), (A, B, g), strict=True):
-        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-5)
+        assert_same_maths(ours.grad, reference.grad)
 
 
 def test_the_proximal_step_shrinks_gates_and_stops_at_zero():
@@ -56,13 +58,13 @@ def test_the_proximal_step_shrinks_gates_and_stops_at_zero():
 
 
 def test_the_task_end_merge_keeps_the_function_and_frees_the_ranks():
-    model = gated_linear()
+    model = gated_linear(dtype=torch.float64)
     pretrained = model[0].base_layer.weight.detach().clone()
-    x = torch.randn(4, 6)
+    x = torch.randn(4, 6, dtype=torch.float64)
     before = model(x).detach()
     kept = merge_rank_gated_updates(model)
     assert kept == {"0": 3}  # the rank with gate 0 was pruned
-    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert_same_maths(model(x), before)
     adapter = model[0].adapter
     assert torch.equal(adapter.lora_B, torch.zeros_like(adapter.lora_B))
     assert torch.equal(adapter.rank_gates, torch.ones(4))
@@ -72,7 +74,7 @@ def test_the_task_end_merge_keeps_the_function_and_frees_the_ranks():
 
 
 def test_merges_of_two_tasks_add_up_to_the_dense_merged_weight():
-    model = gated_linear()
+    model = gated_linear(dtype=torch.float64)
     layer, adapter = model[0], model[0].adapter
     first = adapter.delta_weight().detach().clone()
     merge_rank_gated_updates(model)
@@ -82,10 +84,10 @@ def test_merges_of_two_tasks_add_up_to_the_dense_merged_weight():
     second = (adapter.lora_B * adapter.rank_gates) @ adapter.lora_A * adapter.scaling
     merge_rank_gated_updates(model)
     assert int(adapter.merged_count) == 5
-    x = torch.randn(4, 6)
+    x = torch.randn(4, 6, dtype=torch.float64)
     weight = layer.base_layer.weight + first + second
-    torch.testing.assert_close(model(x), x @ weight.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(adapter.delta_weight(), first + second, rtol=1e-5, atol=1e-6)
+    assert_same_maths(model(x), x @ weight.T + layer.base_layer.bias)
+    assert_same_maths(adapter.delta_weight(), first + second)
 
 
 def test_a_full_merge_store_is_a_clear_error():

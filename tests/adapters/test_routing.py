@@ -16,8 +16,10 @@ from lightning_moe.adapters import (
     mole_rules,
     routing_collector,
 )
+from lightning_moe.adapters.mixture import MixtureGate
 from lightning_moe.adapters.moe import MoELoraAdapter
 from lightning_moe.adapters.routing import TopKRouter
+from tests.conftest import assert_same_maths
 
 IN_FEATURES, OUT_FEATURES, NUM_EXPERTS = 16, 10, 4
 
@@ -27,9 +29,11 @@ def make_router(top_k: int, gradient: str = "prob", jitter_noise: float = 0.0) -
     return TopKRouter(IN_FEATURES, NUM_EXPERTS, top_k, gradient=gradient, jitter_noise=jitter_noise)
 
 
-def make_moe(router_gradient: str = "prob", top_k: int = 1, **kwargs) -> MoELoraAdapter:
+def make_moe(
+    router_gradient: str = "prob", top_k: int = 1, dtype: torch.dtype = torch.float32, **kwargs
+) -> MoELoraAdapter:
     torch.manual_seed(0)
-    base = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    base = nn.Linear(IN_FEATURES, OUT_FEATURES, dtype=dtype)
     config = MoELoraConfig(
         rank=4, num_experts=NUM_EXPERTS, top_k=top_k, router_gradient=router_gradient, **kwargs
     )
@@ -91,11 +95,12 @@ def test_task_loss_alone_trains_the_top1_router(router_gradient):
 
 
 def test_straight_through_and_prob_differ_in_output_but_share_the_router_gradient():
-    x = torch.randn(2, 5, IN_FEATURES)
-    projection = torch.randn(2, 5, OUT_FEATURES)
+    # float64: scaling by the probability inside and outside the experts rounds differently
+    x = torch.randn(2, 5, IN_FEATURES, dtype=torch.float64)
+    projection = torch.randn(2, 5, OUT_FEATURES, dtype=torch.float64)
     results = {}
     for mode in ("prob", "straight_through"):
-        adapter = make_moe(mode)
+        adapter = make_moe(mode, dtype=torch.float64)
         out = adapter(x)
         (out * projection).sum().backward()
         indices, weights, logits = adapter.router(x.flatten(0, 1))
@@ -107,8 +112,19 @@ def test_straight_through_and_prob_differ_in_output_but_share_the_router_gradien
     prob_out, prob_gate_grad, chosen_prob = results["prob"]
     st_out, st_gate_grad, _ = results["straight_through"]
     # straight-through uses the unscaled expert output, prob scales it by the chosen probability
-    torch.testing.assert_close(prob_out, st_out * chosen_prob.view(2, 5, 1))
-    torch.testing.assert_close(prob_gate_grad, st_gate_grad)
+    assert_same_maths(prob_out, st_out * chosen_prob.view(2, 5, 1))
+    assert_same_maths(prob_gate_grad, st_gate_grad)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
+def test_routers_and_gates_compute_in_at_least_fp32(dtype, expected):
+    router = make_router(2).to(dtype)
+    _, weights, logits = router(torch.randn(9, IN_FEATURES, dtype=dtype))
+    assert logits.dtype == weights.dtype == expected
+    gate = MixtureGate(IN_FEATURES, NUM_EXPERTS, hidden=8, dtype=dtype)
+    assert gate(torch.randn(9, IN_FEATURES, dtype=dtype)).dtype == expected
 
 
 def test_jitter_noise_only_in_training():

@@ -13,27 +13,29 @@ from lightning_moe.clip_models import ClipModel, build_clip, zero_shot_head
 from lightning_moe.data.clip_alignment import AlignmentDataModule
 from lightning_moe.data.continual_streams import TaskIncrementalStream
 from lightning_moe.tasks.clip_alignment import ClipAlignmentTask, multi_positive_contrastive_loss
-from tests.conftest import TINY_CLIP
+from tests.conftest import TINY_CLIP, assert_same_maths
 
 
 def features(rows: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(rows, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    """float64: the losses below are the same maths through other code (see assert_same_maths)."""
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, 8, generator=generator, dtype=torch.float64), dim=-1)
 
 
 def test_loss_with_distinct_captions_equals_open_clip_loss():
-    image, text, scale = features(5, 0), features(5, 1), torch.tensor(10.0)
+    image, text, scale = features(5, 0), features(5, 1), torch.tensor(10.0, dtype=torch.float64)
     ours = multi_positive_contrastive_loss(image, text, [f"caption {i}" for i in range(5)], scale)
-    torch.testing.assert_close(ours, open_clip.ClipLoss()(image, text, scale))
+    assert_same_maths(ours, open_clip.ClipLoss()(image, text, scale))
 
 
 def test_identical_captions_are_all_positives():
-    image, text, scale = features(3, 0), features(3, 1), torch.tensor(5.0)
+    image, text, scale = features(3, 0), features(3, 1), torch.tensor(5.0, dtype=torch.float64)
     logits = scale * image @ text.T
-    targets = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     expected = (
         -(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()
     ) / 2
-    torch.testing.assert_close(multi_positive_contrastive_loss(image, text, ["a", "a", "b"], scale), expected)
+    assert_same_maths(multi_positive_contrastive_loss(image, text, ["a", "a", "b"], scale), expected)
 
 
 def test_alignment_trains_only_projections_and_temperature_and_exports_them(tmp_path):
@@ -60,10 +62,10 @@ def test_alignment_trains_only_projections_and_temperature_and_exports_them(tmp_
 
 
 def test_a_zero_shot_head_averages_normalised_template_features():
-    model = build_clip(clip_config=TINY_CLIP).eval()
+    model = build_clip(clip_config=TINY_CLIP).eval().double()  # a batch of 4 vs 2: other kernels
     head = zero_shot_head(model, ["cat", "dog"], ["a photo of a {}.", "a {}."])
     cat = model.encode_texts(["a photo of a cat.", "a cat."]).mean(0)
-    torch.testing.assert_close(head[0], F.normalize(cat, dim=-1), rtol=1e-5, atol=1e-6)
+    assert_same_maths(head[0], F.normalize(cat, dim=-1))
     assert head.shape == (2, 16)
 
 
@@ -109,14 +111,16 @@ def test_cached_trunk_features_equal_encoding_the_images():
     }
     task = ClipAlignmentTask(clip_config=timm_clip, image_size=16, adapters=[])
     task.configure_model()
+    task.model.double()  # cached rows were encoded in other batches, by other kernels
     data = AlignmentDataModule(sources=["digits"], image_size=16, train_size=8, val_size=4, batch_size=4)
     data.setup("fit")
     loader = data.train_dataloader()
     for _ in range(2):  # the first epoch fills the cache, the second reads it
         for batch in loader:
-            expected = task.model.encode_images(batch["image"])
-            features = task.image_features(task.model, batch["image"], batch["key"].tolist())
-            torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+            images = batch["image"].double()
+            expected = task.model.encode_images(images)
+            features = task.image_features(task.model, images, batch["key"].tolist())
+            assert_same_maths(features, expected)
     assert len(task.image_features.trunk_features) == 8
     keys = [data.splits["train"][i]["key"] for i in range(8)] + [
         data.splits["val"][i]["key"] for i in range(4)
