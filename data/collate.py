@@ -1,5 +1,6 @@
-"""Batching for prompt/completion language data: pad to the longest sequence in the batch, and
-let the loss see only completion tokens (labels = -100 elsewhere)."""
+"""Batching for prompt/completion language data: pad to the longest sequence in the batch (or up
+to a multiple of a length, so a compiled model sees few distinct shapes), and let the loss see
+only completion tokens (labels = -100 elsewhere)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ class PromptCompletion:
     reference: str = ""
 
 
-def pad_rows(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Stack token rows into one tensor, padded with `value` on the right (or left)."""
+def pad_rows(
+    rows: Sequence[list[int]], value: int, left: bool = False, multiple_of: int | None = None
+) -> torch.Tensor:
+    """Stack token rows into one tensor, padded with `value` on the right (or left) to the
+    longest row, rounded up to a multiple of `multiple_of` if given."""
     longest = max(len(row) for row in rows)
+    if multiple_of:
+        longest = -(-longest // multiple_of) * multiple_of
     padded = torch.full((len(rows), longest), value, dtype=torch.long)
     for index, row in enumerate(rows):
         start = longest - len(row) if left else 0
@@ -41,8 +47,10 @@ def collate_prompt_completion(
     pad_token_id: int,
     max_length: int | None = None,
     for_generation: bool = False,
+    pad_to_multiple_of: int | None = None,
 ) -> dict:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (completion tokens only).
+    """Right-padded `input_ids`, `attention_mask` and `labels` (completion tokens only), with
+    lengths rounded up to `pad_to_multiple_of` if given.
 
     With `for_generation`, also the prompts alone, LEFT-padded as generation needs
     (`prompt_ids`, `prompt_mask`), with their texts and reference answers.
@@ -55,16 +63,19 @@ def collate_prompt_completion(
             ids, target = ids[:max_length], target[:max_length]
         sequences.append(ids)
         labels.append(target)
+    multiple = pad_to_multiple_of
     batch = {
-        "input_ids": pad_rows(sequences, pad_token_id),
-        "attention_mask": pad_rows([[1] * len(ids) for ids in sequences], 0),
-        "labels": pad_rows(labels, IGNORE_INDEX),
+        "input_ids": pad_rows(sequences, pad_token_id, multiple_of=multiple),
+        "attention_mask": pad_rows([[1] * len(ids) for ids in sequences], 0, multiple_of=multiple),
+        "labels": pad_rows(labels, IGNORE_INDEX, multiple_of=multiple),
         "domain": [example.domain for example in examples],
     }
     if for_generation:
         prompts = [example.prompt_ids for example in examples]
-        batch["prompt_ids"] = pad_rows(prompts, pad_token_id, left=True)
-        batch["prompt_mask"] = pad_rows([[1] * len(ids) for ids in prompts], 0, left=True)
+        batch["prompt_ids"] = pad_rows(prompts, pad_token_id, left=True, multiple_of=multiple)
+        batch["prompt_mask"] = pad_rows(
+            [[1] * len(ids) for ids in prompts], 0, left=True, multiple_of=multiple
+        )
         batch["prompt_text"] = [example.prompt_text for example in examples]
         batch["reference"] = [example.reference for example in examples]
     return batch

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.collate import PromptCompletion, collate_prompt_completion
 from lightning_moe.data.sampling import resumed_training_sampler
+from lightning_moe.data.splits import require_training_examples
 from lightning_moe.tokenization import load_tokenizer
 
 ANSWER_MARKER = "#### "
@@ -156,6 +157,8 @@ class MathDataModule(L.LightningDataModule):
         batch_size: Training examples per batch.
         eval_batch_size: Examples per validation/test/predict batch (generation runs batched).
         max_length: Truncate prompt + solution to this many tokens (None: no truncation).
+        pad_to_multiple_of: Round every batch's length up to a multiple of this, so a compiled
+            model sees few distinct shapes (None: pad to the longest sequence).
         cache_dir: Where converted packaged assets are cached (see `lightning_moe.assets`).
     """
 
@@ -177,6 +180,7 @@ class MathDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -203,6 +207,7 @@ class MathDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = cache_dir
         self.tokenizer = None
         self.splits: dict[str, list[PromptCompletion]] = {}
@@ -223,7 +228,15 @@ class MathDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.tokenizer_name, self.cache_dir)
         problems = {split: self.problems(split) for split in ("train", "val", "test")}
         held_out = {p.question for split in ("val", "test") for p in problems[split]}
+        offered = len(problems["train"])
         problems["train"] = [p for p in problems["train"] if p.question not in held_out]
+        if stage in ("fit", None):
+            why = (
+                f"all {offered} training problems also appear in the validation or test split"
+                if offered
+                else ""
+            )
+            require_training_examples(problems["train"], self, why)
         self.splits = {split: [self.encode(p) for p in items] for split, items in problems.items()}
 
     def prompt_text(self, question: str) -> str:
@@ -251,6 +264,7 @@ class MathDataModule(L.LightningDataModule):
             pad_token_id=self.tokenizer.pad_token_id,
             max_length=self.max_length,
             for_generation=not training,
+            pad_to_multiple_of=self.pad_to_multiple_of,
         )
         if training:
             sampler = resumed_training_sampler(self, len(examples), 0, self.batch_size)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.collate import PromptCompletion, collate_prompt_completion
 from lightning_moe.data.sampling import resumed_training_sampler
+from lightning_moe.data.splits import require_training_examples
 from lightning_moe.tokenization import load_tokenizer
 
 LETTERS = "abcdefgh"
@@ -62,6 +63,8 @@ class SyntheticTextDataModule(L.LightningDataModule):
         test_size: Test examples.
         batch_size: Examples per batch; each batch is padded to its longest sequence.
         seed: Generation seed; the splits use disjoint derived seeds.
+        pad_to_multiple_of: Round every batch's length up to a multiple of this (a compiled
+            model then sees few distinct shapes and recompiles less); None: the longest sequence.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SyntheticTextDataModule(L.LightningDataModule):
         test_size: int = 200,
         batch_size: int = 16,
         seed: int = 0,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
         self.domains = list(domains or DOMAINS)
@@ -83,6 +87,7 @@ class SyntheticTextDataModule(L.LightningDataModule):
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.batch_size = batch_size
         self.seed = seed
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.splits: dict[str, list[PromptCompletion]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -94,6 +99,8 @@ class SyntheticTextDataModule(L.LightningDataModule):
             self.splits[split] = [
                 self._example(rng, self.domains[i % len(self.domains)]) for i in range(size)
             ]
+        if stage in ("fit", None):
+            require_training_examples(self.splits["train"], self, "train_size is 0")
 
     def _example(self, rng: random.Random, domain: str) -> PromptCompletion:
         prompt, completion = DOMAINS[domain](rng)
@@ -108,7 +115,11 @@ class SyntheticTextDataModule(L.LightningDataModule):
         sampler = (
             resumed_training_sampler(self, len(examples), self.seed, self.batch_size) if shuffle else None
         )
-        collate = partial(collate_prompt_completion, pad_token_id=self.tokenizer.pad_token_id)
+        collate = partial(
+            collate_prompt_completion,
+            pad_token_id=self.tokenizer.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
         return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:

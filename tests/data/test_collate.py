@@ -40,3 +40,18 @@ def test_loss_is_computed_on_completion_tokens_only():
     # positions 2 and 3 predict the completion tokens 4 and 5
     expected = torch.nn.functional.cross_entropy(logits[2:4], torch.tensor([4, 5]))
     torch.testing.assert_close(loss, expected)
+
+
+def test_padding_to_a_multiple_gives_one_shape_and_changes_no_token():
+    examples = [PromptCompletion([1, 2], [3]), PromptCompletion([4], [5, 6, 7, 8])]
+    plain = collate_prompt_completion(examples, pad_token_id=0, for_generation=True)
+    padded = collate_prompt_completion(examples, pad_token_id=0, for_generation=True, pad_to_multiple_of=8)
+    assert padded["input_ids"].shape == padded["labels"].shape == (2, 8)
+    assert padded["prompt_ids"].shape == (2, 8)
+    length = plain["input_ids"].shape[1]
+    assert torch.equal(padded["input_ids"][:, :length], plain["input_ids"])
+    assert torch.equal(padded["labels"][:, :length], plain["labels"])
+    assert (padded["labels"][:, length:] == IGNORE_INDEX).all() and (
+        padded["attention_mask"][:, length:] == 0
+    ).all()
+    assert torch.equal(padded["prompt_ids"][:, -plain["prompt_ids"].shape[1] :], plain["prompt_ids"])
