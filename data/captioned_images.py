@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, sklearn_digits
 from lightning_moe.data.sampling import resumed_training_sampler
+from lightning_moe.data.splits import require_training_examples
 
 FRAME_WIDTH = 2
 
@@ -176,6 +177,8 @@ class CaptionedImageDataModule(ImageSplits):
         for split, images in _split(self.source, self.fashion_root).items():
             images = _subset(images, sizes[split], generator)
             self.splits[split] = CaptionedImages(images, self.image_size, self.styles, self.source)
+        if stage == "fit":
+            require_training_examples(self.splits["train"], self)
 
 
 class CaptionedImageMix(ImageSplits):
@@ -313,6 +316,8 @@ class StyledImageDataModule(ImageSplits):
                 per_split[split].append((source, _subset(images, self.sizes[split], generator)))
         for offset, (split, sets) in enumerate(per_split.items()):
             self.splits[split] = StyledImages(sets, self.image_size, self.styles, self.seed + offset)
+        if stage == "fit":
+            require_training_examples(self.splits["train"], self)
 
     @property
     def object_names(self) -> list[str]:

@@ -14,6 +14,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from lightning_moe.data.captioned_images import ImageSplits
 from lightning_moe.data.continual_streams import StreamImages, StreamTask, alignment_pool, select_images
+from lightning_moe.data.splits import require_training_examples
 
 
 class CaptionedPool(Dataset):
@@ -87,3 +88,5 @@ class AlignmentDataModule(ImageSplits):
                 subset = dataclasses.replace(task, train=select_images(task.train, np.sort(chosen)))
                 parts[split].append(CaptionedPool(subset, index, self.image_size, self.seed, np.sort(chosen)))
         self.splits = {split: ConcatDataset(pools) for split, pools in parts.items()}
+        if stage == "fit":
+            require_training_examples(self.splits["train"], self)

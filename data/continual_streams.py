@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, sklearn_digits, textile_images
 from lightning_moe.data.sampling import resumed_training_sampler
+from lightning_moe.data.splits import require_training_examples
 
 
 @dataclass
@@ -229,6 +230,11 @@ class ContinualStream(L.LightningDataModule):
 
     def test_sizes(self) -> list[int]:
         return [len(self.split(index, "test")) for index in range(len(self.tasks))]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            for index, task in enumerate(self.tasks):
+                require_training_examples(self.split(index, "train"), self, f"task {task.name!r} has none")
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:

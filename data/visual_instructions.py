@@ -24,6 +24,7 @@ from lightning_moe.assets import default_cache_dir
 from lightning_moe.data.collate import IGNORE_INDEX, pad_rows
 from lightning_moe.data.llava import DOMAINS, IMAGE_TOKEN, VisualConversation, read_llava, write_llava_dataset
 from lightning_moe.data.sampling import resumed_training_sampler
+from lightning_moe.data.splits import require_training_examples
 from lightning_moe.tokenization import load_tokenizer
 
 ROLE_NAMES = {"human": "user", "gpt": "assistant"}
@@ -227,6 +228,8 @@ class VisualInstructionDataModule(L.LightningDataModule):
             ]
             for split in ("train", "test")
         }
+        if stage in ("fit", None):
+            require_training_examples(self.splits["train"], self)
 
     def _image_token_id(self) -> int:
         token_id = self.tokenizer.get_vocab().get(self.image_token)

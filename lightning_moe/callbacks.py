@@ -51,6 +51,10 @@ class ExportAdapter(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, AdapterModule):
             return
+        if trainer.num_training_batches == 0:  # the data module did not say so itself
+            raise UserInputError(
+                "fit found no training batches, so nothing was trained and no adapter exported"
+            )
         # every process takes part: a sharded model gathers its adapters before rank 0 writes
         folder = self._target(trainer)
         pl_module.export_adapter(str(folder), base_model=self.base_model)

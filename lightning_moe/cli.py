@@ -1,51 +1,139 @@
 """`python -m lightning_moe fit|validate|test|predict --config ...`: LightningCLI over any
 `AdapterModule` task and any LightningDataModule, chosen by `class_path` in the YAML.
 `python -m lightning_moe suite --config ...` runs the continual-learning benchmark suite
-(`lightning_moe.suite`)."""
+(`lightning_moe.suite`).
+
+Every failure a user can cause ends in one line starting with `error:` and a non-zero exit
+code: 2 when the command line or a config file does not parse (an unknown key, a value of the
+wrong type, a missing file), 1 for everything found later (a value a class refuses, a checkpoint
+that is not one, a target that matches nothing, a non-finite loss).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.checkpoint_io import use_atomic_checkpoints
+from lightning_moe.config_errors import UNION_TEXT, one_line
+from lightning_moe.errors import ConfigError, NonFiniteError
 from lightning_moe.module import AdapterModule
+from lightning_moe.run_folder import (
+    check_checkpoint_path,
+    check_earlier_run,
+    failed_start_cleanup,
+    run_folder,
+)
+
+PROG = "python -m lightning_moe"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+USAGE_ERROR = 2  # a config or argument that does not parse; every other error exits with 1
 
 
-def _chain_text(error: BaseException) -> str:
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
+class KeepFirstConfig(SaveConfigCallback):
+    """Lightning's config.yaml writer, except that a resumed run keeps the config its first
+    attempt wrote (the CLI refuses every other run into a folder that holds one)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            path = os.path.join(trainer.log_dir, self.config_filename)
+            exists = os.path.isfile(path) if trainer.is_global_zero else False
+            self.already_saved = trainer.strategy.broadcast(exists)
+        super().setup(trainer, pl_module, stage)
 
 
-def main(args: list[str] | None = None, run: bool = True, overwrite_config: bool = False):
-    """The CLI; `run=False` parses and instantiates the model and data without running;
-    `overwrite_config` lets a resumed run write its config.yaml where the first attempt did."""
-    args = sys.argv[1:] if args is None else list(args)
-    UserInputError.latest = None
+class LightningMoeCLI(LightningCLI):
+    """LightningCLI with the checks that make a run fail safe: the checkpoint path is checked
+    right after parsing (before Lightning reads it), a run folder that holds an earlier run is
+    refused, checkpoints are written atomically, and a run that fails before its first training
+    step leaves nothing behind (see `run_folder`)."""
+
+    def parse_arguments(self, parser, args) -> None:
+        # LightningCLI's own version warns whenever `args` is given and sys.argv is not empty,
+        # which is every run the suite starts; the parsing itself is the same
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as error:
+            raise ConfigError(one_line(error, _option_names(parser, args))) from None
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            # a value refused while jsonargparse instantiated the config (e.g. by a config
+            # dataclass) arrives wrapped in its union-matching text
+            if UNION_TEXT not in str(error):
+                raise
+            raise UserInputError(one_line(error)) from None
+
+    def fit(self, **kwargs: Any) -> None:
+        self._run_safely("fit", kwargs)
+
+    def validate(self, **kwargs: Any) -> None:
+        self._run_safely("validate", kwargs)
+
+    def test(self, **kwargs: Any) -> None:
+        self._run_safely("test", kwargs)
+
+    def predict(self, **kwargs: Any) -> None:
+        self._run_safely("predict", kwargs)
+
+    def _run_safely(self, subcommand: str, kwargs: dict[str, Any]) -> None:
+        # Only the first process checks and cleans: the others (started by it) would race its writes.
+        folder = run_folder(self.trainer) if rank_zero_only.rank == 0 else None
+        check_earlier_run(folder, kwargs.get("ckpt_path"))
+        use_atomic_checkpoints(self.trainer.strategy)
+        with failed_start_cleanup(self.trainer, folder):
+            getattr(self.trainer, subcommand)(**kwargs)
+
+
+def _parser_settings() -> dict[str, Any]:
+    # parse errors are raised (not printed with the usage) so `main` can print one line
+    settings = {"exit_on_error": False, "prog": PROG}
+    return settings | {name: {"exit_on_error": False} for name in SUBCOMMANDS}
+
+
+def _option_names(parser, args: list[str] | None) -> list[str]:
+    """The dotted option names of the subcommand being parsed (for "did you mean")."""
+    words = sys.argv[1:] if args is None else list(args)
+    subparsers = getattr(getattr(parser, "_subcommands_action", None), "choices", {})
+    chosen = next((subparsers[word] for word in words if word in subparsers), parser)
+    return sorted({action.dest for action in chosen._actions if action.dest not in ("help", "config")})
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | Any:
+    """The CLI (`args`: the command line without the program; None reads sys.argv). `run=False`
+    parses and instantiates the model and data of a `fit` config without running it."""
+    words = sys.argv[1:] if args is None else list(args)
     try:
-        if args[:1] == ["suite"]:
+        if words[:1] == ["suite"]:
             from lightning_moe.suite import main as suite_main  # the suite calls back into this CLI
 
-            return suite_main(args[1:])
-        return LightningCLI(
+            return suite_main(words[1:])
+        return LightningMoeCLI(
             AdapterModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             # each task builds its parameter groups (adapters / routers / extra) in configure_optimizers
             auto_configure_optimizers=False,
-            args=args,  # with run=False: no subcommand, the arguments of `fit` alone
+            save_config_callback=KeepFirstConfig,
+            parser_kwargs=_parser_settings(),
+            args=args,  # None: LightningCLI reads sys.argv itself (no warning about both)
             run=run,
-            save_config_kwargs={"overwrite": overwrite_config},
         )
-    except Exception as error:
-        # Bad input gets its one clear message, also when jsonargparse wrapped it in a long error.
-        cause = UserInputError.latest
-        if cause is None or str(cause) not in _chain_text(error):
-            raise
-        sys.exit(f"error: {cause}")
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(USAGE_ERROR)
+    except (UserInputError, NonFiniteError) as error:
+        sys.exit(f"error: {error}")  # printed by Python, exit code 1

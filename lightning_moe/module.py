@@ -34,6 +34,11 @@ from lightning_moe.adapters.checkpoint import adapter_state_dict, base_fingerpri
 from lightning_moe.adapters.errors import AdapterCheckpointError, UserInputError
 from lightning_moe.adapters.files import compare_fingerprints, read_adapter_config
 from lightning_moe.adapters.mixture import check_expert_references, expert_references
+from lightning_moe.non_finite import (
+    check_finite_state,
+    stop_on_non_finite_gradients,
+    stop_on_non_finite_terms,
+)
 from lightning_moe.parallel import (
     data_parallel_mesh,
     full_tensor,
@@ -224,6 +229,7 @@ class AdapterModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_state(checkpoint["state_dict"], "the checkpoint")
         checkpoint["base_fingerprint"] = self.base_prints
         checkpoint["expert_sha256"] = expert_references(dict(adapted_layers(self.model)))
 
@@ -243,28 +249,40 @@ class AdapterModule(L.LightningModule):
         # the collector the injection wired up; no per-step search through the model's modules
         with self.injection.collector.capture() as records:
             task_loss, token_mask = self.task_loss(batch)
-        loss = task_loss
+        terms = {"task loss": task_loss}
         log = partial(
             self.log,
             sync_dist=stage != "train",
             batch_size=token_mask.shape[0] if token_mask is not None else None,
         )
         log(f"{stage}/task_loss", task_loss, prog_bar=stage == "train")
+        loss = task_loss
         if records:
             balance = load_balance_loss(records, token_mask, self.router_loss.balance_scope)
             z_loss = router_z_loss(records, token_mask)
+            terms |= {"balance loss": balance, "router z-loss": z_loss}
             loss = loss + self.router_loss.balance_coef * balance + self.router_loss.z_coef * z_loss
             log(f"{stage}/balance_loss", balance)
             log(f"{stage}/z_loss", z_loss)
             if self.router_loss.label_coef > 0:
                 gates = {name: record for name, record in records.items() if name in self.labelled_gates}
                 label_loss = gate_label_loss(gates, self.gate_labels(batch), token_mask)
+                terms["gate label loss"] = label_loss
                 loss = loss + self.router_loss.label_coef * label_loss
                 log(f"{stage}/gate_label_loss", label_loss)
             if stage == "train" and self.global_step % self.routing_log_every_n_steps == 0:
                 log_routing_statistics(self, routing_statistics(records, token_mask), records, stage)
+        if stage == "train":
+            stop_on_non_finite_terms(self, terms)
         log(f"{stage}/loss", loss, prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # with a loss scaler (fp16) an infinite gradient is expected now and then: the scaler skips that step
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            stop_on_non_finite_gradients(
+                self, (p for group in optimizer.param_groups for p in group["params"])
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._loss_with_router_terms(batch, "train")
@@ -295,7 +313,10 @@ class AdapterModule(L.LightningModule):
         ]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        try:
+            optimizer = self.optimizer_factory(self.parameter_groups())
+        except (ValueError, TypeError) as error:  # e.g. torch's "Invalid learning rate: nan"
+            raise UserInputError(f"the optimizer refuses its settings: {error}") from None
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -10,7 +10,9 @@ It runs on CPU with gloo too, which is how the tests drive two processes.
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -21,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_moe.adapters import adapted_layers
 from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.adapters.files import replace_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +73,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         # the parent's "auto" puts only the nodes on the data axis; here every process is on it
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A sharded checkpoint is written into a staging folder beside the target, which then
+        replaces it in one step (`replace_folder`): a crash mid-save keeps the previous one whole."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        staging = path.with_name(f".{path.name}.partial")
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging)  # left by a killed save
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            if path.is_file():
+                path.unlink()
+            replace_folder(staging, path)
+        self.barrier()
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

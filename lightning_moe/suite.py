@@ -90,8 +90,7 @@ def run_method(stream: str, config: str, seed: int, folder: Path, overrides: lis
             "--trainer.logger.init_args.name=",
             "--trainer.logger.init_args.version=",
             *resume,
-        ],
-        overwrite_config=bool(resume),  # the same run's config, written by its first attempt
+        ]
     )
 
 
