@@ -26,7 +26,7 @@ from peft import get_peft_model
 from timing import measure, publish, ratio_table
 from torch import nn
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
+from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject
 from lightning_moe.adapters.backends import auto_backend
 
 SHAPES = {"smollm2-mlp": (576, 1536), "7b-mlp": (4096, 11008)}
@@ -58,9 +58,7 @@ def variants(in_features: int, out_features: int, rank: int, experts: list[int])
         for top_k in (1, 2):
             for backend in BACKENDS:
                 model = copy.deepcopy(base)
-                config = MoELoraConfig(
-                    rank=rank, alpha=2 * rank, num_experts=count, top_k=top_k, backend=backend
-                )
+                config = MoEConfig(rank=rank, alpha=2 * rank, num_experts=count, top_k=top_k, backend=backend)
                 inject(model, [AdapterRule(["proj"], config)])
                 models[f"MoE E={count} top-{top_k} {backend}"] = model
     return models

@@ -25,9 +25,15 @@ from peft import get_peft_model
 from timing import measure, publish, ratio_table
 from torch import nn
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, inject
-from lightning_moe.adapters.config import RankExpertsConfig, RankGatedLoraConfig, TaskMoEConfig
-from lightning_moe.adapters.continual import end_task
+from lightning_moe.adapters import (
+    AdapterRule,
+    CodyraConfig,
+    LoraConfig,
+    MoraConfig,
+    TaskMoEConfig,
+    end_task,
+    inject,
+)
 
 # MiniLM's attention projection (the embedded CLIP's text tower) and ViT-B/16's fused in_proj
 SHAPES = {"minilm-attention": (384, 384), "vit-b16-in-proj": (768, 2304)}
@@ -56,8 +62,8 @@ def variants(in_features: int, out_features: int, rank: int, late: int) -> dict[
     inject(ours, [AdapterRule(["proj"], LoraConfig(rank=rank, alpha=2 * rank))])
     models["ours LoRA"] = ours  # the same cost at every task
     configs = {
-        "CoDyRA": RankGatedLoraConfig(rank=rank, alpha=2 * rank, num_tasks=late),
-        "MoRA top-4": RankExpertsConfig(rank=rank // 2, alpha=rank, num_tasks=late, top_k=4),
+        "CoDyRA": CodyraConfig(rank=rank, alpha=2 * rank, num_tasks=late),
+        "MoRA top-4": MoraConfig(rank=rank // 2, alpha=rank, num_tasks=late, top_k=4),
         "MoE-Adapters E=4 top-2": TaskMoEConfig(
             rank=rank // 2, alpha=rank, num_experts=4, top_k=2, num_tasks=late
         ),

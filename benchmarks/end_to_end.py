@@ -28,7 +28,7 @@ from timing import publish
 from torch import nn
 from whole_model import LINEARS, SMOLLM2_135M, base_model, step_tables, time_models
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, inject
+from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -42,8 +42,8 @@ def ours(mlp_adapter) -> nn.Module:
     return model
 
 
-def moe(top_k: int) -> MoELoraConfig:
-    return MoELoraConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, num_experts=EXPERTS, top_k=top_k)
+def moe(top_k: int) -> MoEConfig:
+    return MoEConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, num_experts=EXPERTS, top_k=top_k)
 
 
 def mixlora_package() -> tuple[nn.Module, list[torch.Tensor]]:

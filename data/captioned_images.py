@@ -24,10 +24,17 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
-from lightning_moe.adapters.errors import UserInputError
-from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, sklearn_digits
+from lightning_moe.data.image_sources import (
+    DIGIT_CLASSES,
+    FASHION_CLASSES,
+    ImageSet,
+    fashion_mnist,
+    mnist_5k,
+    sklearn_digits,
+)
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.data.splits import require_training_examples
+from lightning_moe.errors import UserInputError
 
 FRAME_WIDTH = 2
 
@@ -80,6 +87,22 @@ def object_names(source: str, class_names: list[str]) -> list[str]:
     """What a judge calls the objects of a source: each Fashion-MNIST class, or one "handwritten
     digit" for the digit sets (the digit concept is any digit)."""
     return ["handwritten digit"] if source in CAPTION_NAMES else list(class_names)
+
+
+SOURCE_CLASSES = {"fashion-mnist": FASHION_CLASSES, "mnist-5k": DIGIT_CLASSES, "digits": DIGIT_CLASSES}
+
+
+def judged_objects(sources: list[str]) -> list[str]:
+    """The objects a judge of these sources tells apart, in order; sources that name an object
+    alike (the two digit sets) share it."""
+    return list(
+        dict.fromkeys(name for source in sources for name in object_names(source, SOURCE_CLASSES[source]))
+    )
+
+
+def judged_styles(styles: list[str] | None) -> list[str]:
+    """The styles a judge looks for: the given ones, or every known style."""
+    return list(styles if styles is not None else STYLES)
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -236,13 +259,10 @@ class StyledImages(torch.utils.data.Dataset):
     def __init__(
         self, sets: list[tuple[str, ImageSet]], image_size: int, styles: list[str], seed: int
     ) -> None:
-        self.object_names: list[str] = []  # sources that name an object alike share its label
+        self.object_names = judged_objects([source for source, _ in sets])
         images, objects = [], []
         for source, image_set in sets:
             names = object_names(source, image_set.class_names)
-            for name in names:
-                if name not in self.object_names:
-                    self.object_names.append(name)
             index = torch.tensor([self.object_names.index(name) for name in names])
             labels = (
                 torch.from_numpy(image_set.labels)
@@ -296,7 +316,7 @@ class StyledImageDataModule(ImageSplits):
     ) -> None:
         super().__init__()
         self.sources = list(sources or ["fashion-mnist", "mnist-5k"])
-        self.styles = list(styles if styles is not None else STYLES)
+        self.styles = judged_styles(styles)
         for source in self.sources:
             checked_source_and_styles(source, self.styles)
         self.image_size = image_size
@@ -318,8 +338,3 @@ class StyledImageDataModule(ImageSplits):
             self.splits[split] = StyledImages(sets, self.image_size, self.styles, self.seed + offset)
         if stage == "fit":
             require_training_examples(self.splits["train"], self)
-
-    @property
-    def object_names(self) -> list[str]:
-        self.setup("fit")
-        return self.splits["train"].object_names

@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, sklearn_digits, textile_images
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.data.splits import require_training_examples
+from lightning_moe.errors import UserInputError
 
 
 @dataclass

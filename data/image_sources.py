@@ -26,8 +26,8 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.assets import default_cache_dir
+from lightning_moe.errors import UserInputError
 
 FASHION_CLASSES = [
     "T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, textile_images
+from lightning_moe.errors import UserInputError
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")

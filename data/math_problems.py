@@ -23,10 +23,10 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.collate import PromptCompletion, collate_prompt_completion
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.data.splits import require_training_examples
+from lightning_moe.errors import UserInputError
 from lightning_moe.tokenization import load_tokenizer
 
 ANSWER_MARKER = "#### "

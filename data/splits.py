@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sized
 
-from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.errors import UserInputError
 
 
 def require_training_examples(examples: Sized, datamodule: object, why: str = "") -> None:

@@ -19,12 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.assets import default_cache_dir
 from lightning_moe.data.collate import IGNORE_INDEX, pad_rows
 from lightning_moe.data.llava import DOMAINS, IMAGE_TOKEN, VisualConversation, read_llava, write_llava_dataset
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.data.splits import require_training_examples
+from lightning_moe.errors import UserInputError
 from lightning_moe.tokenization import load_tokenizer
 
 ROLE_NAMES = {"human": "user", "gpt": "assistant"}
@@ -125,6 +125,18 @@ def collate_visual(
     return batch
 
 
+def image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str) -> int:
+    """The id of the token that marks image slots: one of the vocabulary, not pad/bos/eos."""
+    token_id = tokenizer.get_vocab().get(image_token)
+    reserved = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
+    if token_id is None or token_id in reserved:
+        raise UserInputError(
+            f"image_token {image_token!r} must be a token of the tokenizer's vocabulary other than "
+            f"pad/bos/eos (got id {token_id})"
+        )
+    return token_id
+
+
 class VisualInstructionDataModule(L.LightningDataModule):
     """LLaVA-format visual instruction data, from your files or generated from packaged images.
 
@@ -220,7 +232,7 @@ class VisualInstructionDataModule(L.LightningDataModule):
         if self.splits:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, self.cache_dir)
-        self.image_token_id = self._image_token_id()
+        self.image_token_id = image_token_id(self.tokenizer, self.image_token)
         self.splits = {
             split: [
                 encode_conversation(c, self.tokenizer, self.image_token_id, self.image_tokens)
@@ -230,16 +242,6 @@ class VisualInstructionDataModule(L.LightningDataModule):
         }
         if stage in ("fit", None):
             require_training_examples(self.splits["train"], self)
-
-    def _image_token_id(self) -> int:
-        token_id = self.tokenizer.get_vocab().get(self.image_token)
-        reserved = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id}
-        if token_id is None or token_id in reserved:
-            raise UserInputError(
-                f"image_token {self.image_token!r} must be a token of the tokenizer's vocabulary other than "
-                f"pad/bos/eos (got id {token_id})"
-            )
-        return token_id
 
     def _loader(self, split: str) -> DataLoader:
         examples = self.splits[split] if split != "predict" else self._predict_examples()

@@ -21,13 +21,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from filelock import FileLock
 from safetensors import safe_open
+from torch import nn
 
-from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.errors import UserInputError
 
 CACHE_ENV = "LIGHTNING_MOE_CACHE"
 MANIFEST = "lightning_moe_asset.json"
+# the pixel statistics timm's ImageNet models (the packaged EfficientNet-Lite0) were trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -167,3 +172,23 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
     manifest = {"source": _source_identity(gguf_file), "files": files}
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+@torch.no_grad()
+def load_in_order(model: nn.Module, path: str) -> None:
+    """Load a state dict saved under other key names (EfficientNet-PyTorch's) by pairing tensors in
+    order with the model's own, skipping BatchNorm counters and a classifier the model lacks."""
+    source = [
+        v
+        for k, v in torch.load(path, weights_only=True, map_location="cpu").items()
+        if "num_batches" not in k
+    ]
+    target = [(k, v) for k, v in model.state_dict().items() if "num_batches" not in k]
+    if len(source) < len(target):
+        raise UserInputError(f"{path} holds {len(source)} tensors; the model needs {len(target)}")
+    for (key, tensor), value in zip(target, source, strict=False):
+        if tensor.shape != value.shape:
+            raise UserInputError(
+                f"{path}: tensor for {key!r} has shape {list(value.shape)}, expected {list(tensor.shape)}"
+            )
+        tensor.copy_(value)

@@ -10,13 +10,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torchvision.utils import make_grid, save_image
 
-from lightning_moe.adapters.errors import UserInputError
-from lightning_moe.adapters.rank_gates import soft_threshold_rank_gates
-from lightning_moe.module import AdapterModule
+from lightning_moe.errors import UserInputError
+from lightning_moe.task import TaskModule
 
 
 def _run_folder(trainer: L.Trainer) -> Path:
@@ -24,8 +21,9 @@ def _run_folder(trainer: L.Trainer) -> Path:
 
 
 class ExportAdapter(L.Callback):
-    """At the end of `fit`, write the adapters as a stand-alone folder (adapter_config.json +
-    adapter_model.safetensors) that `adapter_path` or `load_adapter` reads back.
+    """At the end of `fit`, write what the task trained as a stand-alone folder (`TaskModule.export`):
+    for adapter tasks adapter_config.json + adapter_model.safetensors, which `adapter_path` or
+    `load_adapter` reads back.
 
     Args:
         dirpath: Target folder; default: "adapter" inside the run's log directory.
@@ -49,7 +47,7 @@ class ExportAdapter(L.Callback):
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, AdapterModule):
+        if not isinstance(pl_module, TaskModule):
             return
         if trainer.num_training_batches == 0:  # the data module did not say so itself
             raise UserInputError(
@@ -57,8 +55,8 @@ class ExportAdapter(L.Callback):
             )
         # every process takes part: a sharded model gathers its adapters before rank 0 writes
         folder = self._target(trainer)
-        pl_module.export_adapter(str(folder), base_model=self.base_model)
-        rank_zero_info(f"adapter written to {folder}")
+        pl_module.export(str(folder), base_model=self.base_model)
+        rank_zero_info(f"exported to {folder}")
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -139,64 +137,3 @@ class BeforeAfterTable(L.Callback):
         folder = _run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "before_after.md").write_text(table + "\n")
-
-
-class ImagePredictionWriter(JsonlPredictionWriter):
-    """For predictions that carry an "image" ([C, H, W] in [0, 1]): the images as one PNG grid
-    next to the jsonl file (same name, .png) and in TensorBoard; the rest of each record as jsonl.
-
-    Args:
-        path: The jsonl file; default: "predictions.jsonl" in the run's log directory. Neither
-            it nor the PNG is ever overwritten.
-        nrow: Images per grid row.
-    """
-
-    def __init__(self, path: str | None = None, nrow: int = 10) -> None:
-        super().__init__(path)
-        self.nrow = nrow
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        grid = self._target(trainer).with_suffix(".png")
-        if stage == "predict" and grid.exists():
-            raise UserInputError(f"image grid {grid} exists; choose another path")
-
-    def write_on_epoch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices
-    ) -> None:
-        records = [dict(record) for batch in predictions for record in batch]
-        grid = make_grid([record.pop("image") for record in records], nrow=self.nrow, pad_value=0.5)
-        target = self._target(trainer).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, target)
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("predictions", grid, trainer.global_step)
-        self.write_records(trainer, records)
-
-
-class RankGateShrinkage(L.Callback):
-    """CoDyRA's sparsity schedule: after every optimizer step, soft-threshold every rank gate by
-    lr x penalty_t, where penalty_t rises linearly from 0 to `penalty` over each task (the whole
-    fit when the data has no `epochs_per_task`). Early steps learn freely; later steps prune
-    the ranks the task does not need.
-
-    Args:
-        penalty: The L1 penalty on the gates at the end of a task.
-    """
-
-    def __init__(self, penalty: float = 1.0) -> None:
-        if penalty < 0:
-            raise UserInputError(f"penalty must be >= 0, got {penalty}")
-        self.penalty = penalty
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
-    ) -> None:
-        batches = trainer.num_training_batches
-        if (batch_idx + 1) % trainer.accumulate_grad_batches and batch_idx + 1 != batches:
-            return  # no optimizer step after this batch
-        epochs = getattr(trainer.datamodule, "epochs_per_task", trainer.max_epochs)
-        progress = ((trainer.current_epoch % epochs) * batches + batch_idx + 1) / (epochs * batches)
-        groups = trainer.optimizers[0].param_groups
-        lr = next((group["lr"] for group in groups if group.get("name") == "adapters"), groups[0]["lr"])
-        soft_threshold_rank_gates(pl_module, lr * self.penalty * progress)

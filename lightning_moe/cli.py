@@ -1,7 +1,10 @@
 """`python -m lightning_moe fit|validate|test|predict --config ...`: LightningCLI over any
-`AdapterModule` task and any LightningDataModule, chosen by `class_path` in the YAML.
-`python -m lightning_moe suite --config ...` runs the continual-learning benchmark suite
-(`lightning_moe.suite`).
+`TaskModule` task and any LightningDataModule, chosen by `class_path` in the YAML. Other commands
+(`suite`, ...) are registered by the packages that own them (see `lightning_moe.commands`).
+
+Values a model needs from its data are linked at parse time: where the task and the data module
+both have a parameter of a name in `DATA_LINKS`, the data module's value is the task's; a task
+with a `data` parameter receives the data module itself.
 
 Every failure a user can cause ends in one line starting with `error:` and a non-zero exit
 code: 2 when the command line or a config file does not parse (an unknown key, a value of the
@@ -20,20 +23,22 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.adapters.errors import AdapterOptionError
 from lightning_moe.checkpoint_io import use_atomic_checkpoints
+from lightning_moe.commands import command
 from lightning_moe.config_errors import UNION_TEXT, one_line
-from lightning_moe.errors import ConfigError, NonFiniteError
-from lightning_moe.module import AdapterModule
+from lightning_moe.errors import STOPPING_ERRORS, ConfigError, UserInputError
 from lightning_moe.run_folder import (
     check_checkpoint_path,
     check_earlier_run,
     failed_start_cleanup,
     run_folder,
 )
+from lightning_moe.task import TaskModule
 
 PROG = "python -m lightning_moe"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DATA_LINKS = ("tokenizer", "image_token", "image_size", "domains", "sources", "styles")
 USAGE_ERROR = 2  # a config or argument that does not parse; every other error exits with 1
 
 
@@ -55,6 +60,12 @@ class LightningMoeCLI(LightningCLI):
     refused, checkpoints are written atomically, and a run that fails before its first training
     step leaves nothing behind (see `run_folder`)."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # a link applies where both sides have the parameter; elsewhere it is left out
+        for name in DATA_LINKS:
+            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
+        parser.link_arguments("data", "model.init_args.data", apply_on="instantiate")
+
     def parse_arguments(self, parser, args) -> None:
         # LightningCLI's own version warns whenever `args` is given and sys.argv is not empty,
         # which is every run the suite starts; the parsing itself is the same
@@ -74,7 +85,9 @@ class LightningMoeCLI(LightningCLI):
             # dataclass) arrives wrapped in its union-matching text
             if UNION_TEXT not in str(error):
                 raise
-            raise UserInputError(one_line(error)) from None
+            # an adapter mapping's unknown kind or option is the config's fault, as a bad key is
+            cause = _chained(error, AdapterOptionError)
+            raise (ConfigError if cause else UserInputError)(one_line(cause or error)) from None
 
     def fit(self, **kwargs: Any) -> None:
         self._run_safely("fit", kwargs)
@@ -97,6 +110,13 @@ class LightningMoeCLI(LightningCLI):
             getattr(self.trainer, subcommand)(**kwargs)
 
 
+def _chained(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type `kind` in the chain of causes of `error`."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _parser_settings() -> dict[str, Any]:
     # parse errors are raised (not printed with the usage) so `main` can print one line
     settings = {"exit_on_error": False, "prog": PROG}
@@ -116,12 +136,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | Any:
     parses and instantiates the model and data of a `fit` config without running it."""
     words = sys.argv[1:] if args is None else list(args)
     try:
-        if words[:1] == ["suite"]:
-            from lightning_moe.suite import main as suite_main  # the suite calls back into this CLI
-
-            return suite_main(words[1:])
+        run_command = command(words[0]) if words and words[0] not in SUBCOMMANDS else None
+        if run_command is not None:
+            return run_command(words[1:])
         return LightningMoeCLI(
-            AdapterModule,
+            TaskModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -135,5 +154,5 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | Any:
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(USAGE_ERROR)
-    except (UserInputError, NonFiniteError) as error:
+    except STOPPING_ERRORS as error:
         sys.exit(f"error: {error}")  # printed by Python, exit code 1

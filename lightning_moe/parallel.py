@@ -2,7 +2,7 @@
 
 `FSDP2Strategy` is Lightning's `ModelParallelStrategy` with every process on the data-parallel
 axis (no tensor parallelism) and a mixed-precision policy set in the config. Lightning calls the
-task's `configure_model`, which calls `shard_adapted_model` after injecting the adapters. Units,
+task's `configure_model`, which calls `shard_model` after injecting the adapters. Units,
 innermost first: each adapter (so its small parameters are gathered on their own), each
 transformer block (the frozen base, one block at a time), then the root for the rest.
 It runs on CPU with gloo too, which is how the tests drive two processes.
@@ -21,9 +21,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_moe.adapters import adapted_layers
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.adapters.files import replace_folder
+from lightning_moe.errors import UserInputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,11 +109,13 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks[::-1]  # modules() lists a container before its contents
 
 
-def shard_adapted_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
-    """`fully_shard` the adapters, then the blocks, then the root, in place, over a 1-D mesh."""
-    for _, layer in adapted_layers(model):
-        if next(layer.adapter.parameters(), None) is not None:  # fixed-weight mixtures hold only buffers
-            fully_shard(layer.adapter, mesh=mesh, mp_policy=policy)
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, units: list[nn.Module]
+) -> None:
+    """`fully_shard` the given units (a task's adapters), then the blocks, then the root, in
+    place, over a 1-D mesh."""
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

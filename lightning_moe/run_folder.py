@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_moe.adapters.errors import UserInputError
+from lightning_moe.errors import UserInputError
 
 CONFIG_FILE = "config.yaml"
 # `ckpt_path` values Lightning resolves itself

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_moe.tasks.continual_report import ContinualRecord
+from lightning_moe.tasks.continual.report import ContinualRecord
 
 
 def main(suite: Path) -> None:

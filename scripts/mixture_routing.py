@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from lightning_moe.adapters import load_adapter, routing_collector
-from lightning_moe.adapters.files import read_adapter_config
+from lightning_moe.adapters import load_adapter, read_adapter_config, routing_collector
 from lightning_moe.data.collate import IGNORE_INDEX
 from lightning_moe.data.math_problems import MathDataModule
-from lightning_moe.tasks.causal_lm import build_causal_lm
+from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm
 
 
 @torch.no_grad()

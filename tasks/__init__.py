@@ -1,1 +1,3 @@
-"""One LightningModule per domain, all built on `lightning_moe.module.AdapterModule`."""
+"""One package per domain: reasoning, multimodal, diffusion, continual. Each holds its
+LightningModules, model builders, metrics, reports, callbacks and commands; all build on the
+shell's `TaskModule` / `AdapterModule`."""

@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_moe import assets
-from lightning_moe.adapters import UserInputError
 from lightning_moe.assets import MANIFEST, converted_gguf_folder, resolve_pretrained
+from lightning_moe.errors import UserInputError
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_moe.adapters import AdapterCheckpointError, AdapterRule, LoraConfig, MoELoraConfig
 from lightning_moe.cli import main
-from lightning_moe.module import RouterLoss
-from lightning_moe.tasks.causal_lm import CausalLMTask
-from tests.conftest import TRAINED_LOSS_RTOL, TRAINED_STATE_RTOL, relative_difference
+from lightning_moe.errors import UserInputError
+from lightning_moe.router_losses import RouterLoss
+from tests.tiny import REPO, tiny_causal_lm_task
+from tests.tolerances import TRAINED_LOSS_RTOL, TRAINED_STATE_RTOL, relative_difference
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs/smoke/mole_tiny_llama.yaml")
 SMALL_RUN = [
     "--data.init_args.train_size=32",
@@ -121,18 +120,8 @@ def test_checkpoint_of_another_base_is_refused_on_resume(tmp_path, monkeypatch):
         fit("base1", "--trainer.max_steps=4", "--model.init_args.model_seed=1", f"--ckpt_path={last}")
 
 
-def _task(tiny_llama_config, **kwargs) -> CausalLMTask:
-    rules = [
-        AdapterRule(["mlp.up_proj"], MoELoraConfig(num_experts=4, top_k=2)),
-        AdapterRule(["self_attn.q_proj"], LoraConfig(rank=4)),
-    ]
-    task = CausalLMTask(model_config=tiny_llama_config, adapters=rules, **kwargs)
-    task.configure_model()
-    return task
-
-
 def test_configure_model_is_idempotent(tiny_llama_config):
-    task = _task(tiny_llama_config)
+    task = tiny_causal_lm_task(tiny_llama_config)
     model = task.model
     task.configure_model()
     assert task.model is model
@@ -140,7 +129,7 @@ def test_configure_model_is_idempotent(tiny_llama_config):
 
 
 def test_parameter_groups_give_routers_their_own_learning_rate(tiny_llama_config):
-    task = _task(tiny_llama_config, router_lr=0.5)
+    task = tiny_causal_lm_task(tiny_llama_config, router_lr=0.5)
     optimizer = task.configure_optimizers()
     by_name = {group["name"]: group for group in optimizer.param_groups}
     assert by_name["routers"]["lr"] == 0.5
@@ -158,27 +147,27 @@ def test_router_losses_are_added_with_their_coefficients(tiny_llama_config):
         "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
     }
     batch["labels"] = batch["input_ids"]
-    plain = _task(tiny_llama_config, router_loss=RouterLoss(balance_coef=0.0, z_coef=0.0))
-    weighted = _task(tiny_llama_config, router_loss=RouterLoss(balance_coef=0.5, z_coef=0.25))
+    plain = tiny_causal_lm_task(tiny_llama_config, router_loss=RouterLoss(balance_coef=0.0, z_coef=0.0))
+    weighted = tiny_causal_lm_task(tiny_llama_config, router_loss=RouterLoss(balance_coef=0.5, z_coef=0.25))
     weighted.load_state_dict(plain.state_dict())
     from lightning_moe.adapters import load_balance_loss, router_z_loss, routing_collector
 
     with routing_collector(weighted.model).capture() as records:
         weighted.task_loss(batch)
     expected = (
-        plain._loss_with_router_terms(batch, "train")
+        plain._step(batch, "train")
         + 0.5 * load_balance_loss(records, batch["attention_mask"])
         + 0.25 * router_z_loss(records, batch["attention_mask"])
     )
-    torch.testing.assert_close(weighted._loss_with_router_terms(batch, "train"), expected)
+    torch.testing.assert_close(weighted._step(batch, "train"), expected)
 
 
 def test_state_dict_is_trainable_state_and_loading_a_mismatch_fails(tiny_llama_config):
-    task = _task(tiny_llama_config)
+    task = tiny_causal_lm_task(tiny_llama_config)
     state = task.state_dict()
     assert all(".adapter." in key for key in state)
     del state[next(iter(state))]
-    with pytest.raises(AdapterCheckpointError, match="missing"):
+    with pytest.raises(UserInputError, match="missing"):
         task.load_state_dict(state)
 
 

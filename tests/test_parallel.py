@@ -17,15 +17,9 @@ import yaml
 
 from lightning_moe.adapters.files import read_safetensors
 from lightning_moe.cli import main
-from tests.conftest import (
-    TINY_UNET,
-    TRAINED_LOSS_RTOL,
-    TRAINED_STATE_RTOL,
-    assert_same_maths,
-    relative_difference,
-)
+from tests.tiny import REPO, TINY_UNET
+from tests.tolerances import TRAINED_LOSS_RTOL, TRAINED_STATE_RTOL, assert_same_maths, relative_difference
 
-REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "configs/smoke/mole_tiny_llama.yaml"
 STEPS, EVERY = 8, 4
 BATCH = 8  # per process; the single-process run reads both processes' samples in one batch
@@ -190,7 +184,7 @@ def test_fsdp2_with_compile_trains_like_eager_fsdp2(runs, tmp_path, monkeypatch)
 
 
 def test_fsdp2_strategy_reads_its_mixed_precision_policy():
-    from lightning_moe.adapters.errors import UserInputError
+    from lightning_moe.errors import UserInputError
     from lightning_moe.parallel import FSDP2Strategy
 
     policy = FSDP2Strategy(param_dtype="bfloat16", reduce_dtype="float32").mixed_precision

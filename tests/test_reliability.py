@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from lightning_moe.adapters import load_adapter
 from lightning_moe.adapters.files import read_safetensors
 from lightning_moe.cli import main
+from tests.tiny import REPO, tiny_causal_lm_task
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs/smoke/mole_tiny_llama.yaml")
 SMALL = [
     "--data.init_args.train_size=32",
@@ -68,11 +68,11 @@ def workdir(tmp_path, monkeypatch) -> Path:
 CONFIG_ERRORS = {
     "adapter option typo": (
         ["--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: lora, rnak: 4}}]"],
-        "error: model.init_args.adapters.adapter: unknown option 'rnak' of LoraConfig; did you mean 'rank'?",
+        "error: adapter rule for ['mlp.up_proj']: a 'lora' adapter has no option 'rnak'; did you mean 'rank'?",
     ),
     "unknown adapter kind": (
         ["--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: lorra}}]"],
-        "error: model.init_args.adapters.adapter.kind: 'lorra' is not one of",
+        "error: adapter rule for ['mlp.up_proj']: unknown adapter kind 'lorra'; expected one of",
     ),
     "unknown command-line option": (
         ["--trainr.max_steps=3"],
@@ -100,7 +100,10 @@ def test_a_config_error_is_one_line_with_exit_code_2(workdir, capsys, case):
 def test_a_value_a_class_refuses_is_one_line_with_exit_code_1(workdir, capsys):
     adapters = "[{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, top_k: 3}}]"
     code, lines = cli_error(capsys, "fit", "--config", SMOKE, f"--model.init_args.adapters={adapters}")
-    assert (code, lines) == (1, ["error: top_k must be between 1 and num_experts=2, got top_k=3"])
+    message = (
+        "error: adapter rule for ['mlp.up_proj']: top_k must be between 1 and num_experts=2, got top_k=3"
+    )
+    assert (code, lines) == (1, [message])
     assert not list(workdir.iterdir())
 
 
@@ -216,7 +219,7 @@ def test_a_diverging_run_stops_at_its_step_and_writes_nothing_non_finite(workdir
         "--trainer.max_steps=8",
     )
     assert code == 1 and len(lines) == 1, lines
-    assert lines[0].startswith("error: training stopped at step 1: the task loss is nan"), lines
+    assert lines[0].startswith("error: training stopped at step 1: the task_loss is nan"), lines
     (run,) = (workdir / "runs/smoke/mole_tiny_llama").iterdir()  # kept: it trained a step
     assert not (run / "adapter").exists()  # no export of a diverged adapter
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
@@ -229,9 +232,8 @@ def test_a_diverging_run_stops_at_its_step_and_writes_nothing_non_finite(workdir
 def test_a_non_finite_gradient_stops_before_the_optimizer_applies_it(tiny_llama_config):
     from lightning_moe.errors import NonFiniteError
     from lightning_moe.non_finite import stop_on_non_finite_gradients
-    from tests.test_module import _task
 
-    task = _task(tiny_llama_config)
+    task = tiny_causal_lm_task(tiny_llama_config)
     trainable = [p for p in task.parameters() if p.requires_grad]
     for parameter in trainable:
         parameter.grad = torch.zeros_like(parameter)
@@ -244,10 +246,14 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_applies_it(tiny_llama_
 
 def test_the_adapter_writer_refuses_non_finite_tensors(workdir):
     from lightning_moe.adapters import AdapterCheckpointError
-    from lightning_moe.adapters.files import write_adapter_folder
+    from lightning_moe.adapters.files import write_folder_files
 
     with pytest.raises(AdapterCheckpointError, match=r"refusing to write .*'b' holds non-finite values"):
-        write_adapter_folder(workdir / "a", {"a": torch.zeros(2), "b": torch.tensor([1.0, float("nan")])}, {})
+        write_folder_files(
+            workdir / "a",
+            {"adapter_model.safetensors": {"a": torch.zeros(2), "b": torch.tensor([1.0, float("nan")])}},
+            {},
+        )
     assert not (workdir / "a").exists()
 
 
@@ -321,7 +327,7 @@ SAVE_SCRIPT = """
 import sys
 import torch
 from lightning_moe.adapters import AdapterRule, LoraConfig, inject, save_adapter
-from lightning_moe.tasks.causal_lm import build_causal_lm
+from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm
 
 model = build_causal_lm(None, {config!r}, 0, torch.float32)
 rules = [AdapterRule(["self_attn.q_proj"], LoraConfig(rank=4))]
@@ -336,7 +342,7 @@ save_adapter(model, rules, "saved", overwrite=True)
 
 def test_an_adapter_replaced_by_a_killed_writer_stays_whole(workdir, tiny_llama_config):
     """save_adapter(..., overwrite=True) killed mid-write leaves the previous adapter whole and loadable."""
-    from lightning_moe.tasks.causal_lm import build_causal_lm
+    from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm
 
     script = SAVE_SCRIPT.format(config=tiny_llama_config)
     env = os.environ | {"PYTHONPATH": str(REPO)}

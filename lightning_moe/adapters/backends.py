@@ -12,12 +12,14 @@ reference; the others must match it in outputs and in the gradients of x, A, B a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 ExpertBackend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+Backend = Literal["auto", "loop", "dense", "grouped"]
 
 
 def loop_experts(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor) -> Tensor:

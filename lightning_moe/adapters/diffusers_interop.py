@@ -13,11 +13,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .errors import AdapterConfigError
 from .files import write_folder_files
-from .inject import adapted_layers
-from .lora import LoraAdapter
-from .peft_interop import peft_factors
+from .lora_factors import plain_lora_layers
 
 DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
@@ -28,14 +25,7 @@ def export_diffusers_lora(
     """Write the plain-LoRA adapters of `model` (the pipeline's `component`, e.g. its UNet) so that
     `pipeline.load_lora_weights(folder)` loads them."""
     tensors: dict[str, Tensor] = {}
-    for name, layer in adapted_layers(model):
-        if not isinstance(layer.adapter, LoraAdapter):
-            raise AdapterConfigError(
-                f"diffusers export supports plain LoRA only; layer {name!r} has a {layer.config.kind!r} adapter"
-            )
-        lora_A, lora_B = peft_factors(layer.adapter)
+    for name, lora_A, lora_B, scaling in plain_lora_layers(model, "diffusers export"):
         tensors[f"{component}.{name}.lora_A.weight"] = lora_A
-        tensors[f"{component}.{name}.lora_B.weight"] = lora_B * layer.adapter.scaling
-    if not tensors:
-        raise AdapterConfigError(f"{type(model).__name__} has no LoRA adapters to export")
+        tensors[f"{component}.{name}.lora_B.weight"] = lora_B * scaling
     return write_folder_files(folder, {DIFFUSERS_WEIGHTS_FILE: tensors}, {}, overwrite)

@@ -1,27 +1,21 @@
-"""Errors that name the bad value and what was expected, raised before any training starts."""
+"""Errors of the adapter core, each naming the bad value and what was expected. They are raised
+before a model changes, and the CLI shows each as one `error:` line."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+
+class AdapterError(ValueError):
+    """Bad input to the adapter core (a config, a rule, an adapter folder), as opposed to a bug."""
 
 
-class UserInputError(ValueError):
-    """Bad input from the user (config, checkpoint, data), as opposed to a bug.
-
-    The newest instance is remembered so the CLI can show just its message even when a config
-    library wrapped it into a long error of its own.
-    """
-
-    latest: ClassVar[UserInputError | None] = None
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        UserInputError.latest = self
-
-
-class AdapterConfigError(UserInputError):
+class AdapterConfigError(AdapterError):
     """An adapter configuration or injection spec that cannot work."""
 
 
-class AdapterCheckpointError(UserInputError):
+class AdapterOptionError(AdapterConfigError):
+    """An adapter mapping that names an unknown kind or option, or gives an option a value of the
+    wrong type: the config itself is wrong, as when a key does not parse."""
+
+
+class AdapterCheckpointError(AdapterError):
     """An adapter file that is missing, corrupt, or was saved for another model."""

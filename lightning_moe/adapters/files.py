@@ -1,13 +1,9 @@
-"""Adapter folders on disk: `adapter_config.json` + `adapter_model.safetensors`.
-
-Reading and writing them (atomically, never unpickling), their content hash, and the small
-fingerprint of a base layer (shape and first values) that ties an adapter to its base model.
-"""
+"""Folders of safetensors and text files, written as one step and read without unpickling: the
+adapter folders (see adapter_folder.py) and every other weights folder the application saves."""
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -20,21 +16,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import AdapterCheckpointError
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT = "lightning_moe.adapter"
-FORMAT_VERSION = 1
-_FINGERPRINT_VALUES = 16
-
-
-def write_adapter_folder(
-    folder: str | os.PathLike, tensors: dict[str, Tensor], config: dict, overwrite: bool = False
-) -> Path:
-    """Write CONFIG_FILE + WEIGHTS_FILE atomically; an existing adapter is replaced only with `overwrite`."""
-    return write_folder_files(
-        folder, {WEIGHTS_FILE: tensors}, {CONFIG_FILE: json.dumps(config, indent=2)}, overwrite
-    )
 
 
 def write_folder_files(
@@ -51,7 +32,7 @@ def write_folder_files(
     folder = Path(folder)
     names = [*weights, *texts]
     if not overwrite and any((folder / name).exists() for name in names):
-        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
+        raise FileExistsError(f"{folder} already holds {', '.join(names)}; pass overwrite=True to replace it")
     for name, tensors in weights.items():
         check_finite(tensors, f"{folder / name}")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -120,11 +101,10 @@ def _exchange(first: Path, second: Path) -> bool:
     return done == 0
 
 
-def read_config_object(folder: Path, what: str) -> dict:
-    """The JSON object in `folder`/CONFIG_FILE, or an AdapterCheckpointError saying what is wrong."""
-    path = folder / CONFIG_FILE
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in file `path`, or an AdapterCheckpointError saying what is wrong."""
     if not path.is_file():
-        raise AdapterCheckpointError(f"no {CONFIG_FILE} in {what} folder {folder}")
+        raise AdapterCheckpointError(f"no {path.name} in {what} folder {path.parent}")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -134,62 +114,11 @@ def read_config_object(folder: Path, what: str) -> dict:
     return config
 
 
-def is_our_adapter(config: dict) -> bool:
-    return config.get("format") == FORMAT
-
-
-def read_adapter_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / CONFIG_FILE
-    config = read_config_object(Path(folder), "adapter")
-    if not is_our_adapter(config):
-        raise AdapterCheckpointError(
-            f"{path} is not a lightning_moe adapter (format {config.get('format')!r}, "
-            f"expected {FORMAT!r}); PEFT adapters load with import_peft()"
-        )
-    if config.get("version") != FORMAT_VERSION:
-        raise AdapterCheckpointError(
-            f"{path} has format version {config.get('version')!r}; expected {FORMAT_VERSION}"
-        )
-    return config
-
-
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise AdapterCheckpointError(f"adapter weights file {path} does not exist")
+        raise AdapterCheckpointError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterCheckpointError(f"{path} is not a readable safetensors file: {error}") from error
-
-
-def folder_sha256(folder: Path) -> str:
-    """Hash of the config and weights files together: any change to either changes it."""
-    digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with (folder / name).open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def weight_fingerprint(weight: Tensor) -> dict:
-    head = weight.detach().flatten()[:_FINGERPRINT_VALUES].float().cpu().tolist()
-    return {"shape": list(weight.shape), "head": head}
-
-
-def check_weight_fingerprint(name: str, weight: Tensor, expected: dict, source: str) -> None:
-    """Refuse an adapter recorded for a base layer `name` shaped or valued differently from `weight`."""
-    compare_fingerprints(name, weight_fingerprint(weight), expected, source)
-
-
-def compare_fingerprints(name: str, actual: dict, expected: dict, source: str) -> None:
-    if actual["shape"] != expected["shape"]:
-        raise AdapterCheckpointError(
-            f"{source} was saved for a base whose {name!r} has shape {expected['shape']}, "
-            f"this model's is {actual['shape']}"
-        )
-    if not torch.allclose(torch.tensor(actual["head"]), torch.tensor(expected["head"]), rtol=2e-2, atol=1e-6):
-        raise AdapterCheckpointError(
-            f"{source} was saved from a different base model: the weights of {name!r} differ"
-        )

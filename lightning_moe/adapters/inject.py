@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .attention import restore_attention, unfuse_attention
-from .config import AdapterConfig, AdapterRule, target_matches
+from .base import ADAPTER_KINDS, AdapterConfig
 from .errors import AdapterConfigError
-from .layer import ROUTED_ADAPTERS, AdaptedLinear, build_adapter
-from .mixture import attach_pretrained_experts
+from .layer import AdaptedLinear, build_adapter
 from .routing import RoutingCollector
+from .rules import AdapterRule, target_matches
 
 
 @dataclass
@@ -54,7 +55,7 @@ def plan_injection(model: nn.Module, rules: list[AdapterRule]) -> dict[str, Adap
                         f"module {name!r} is matched by both {claimed_by[name]!r} and {pattern!r}; "
                         "each layer takes one adapter"
                     )
-                plan[name] = rule.adapter
+                plan[name] = rule.config
                 claimed_by[name] = pattern
     return plan
 
@@ -73,9 +74,9 @@ def inject(
 
     Raises `AdapterConfigError` before changing what the model computes when a pattern matches
     nothing, a match is not a linear layer the model calls, or two rules claim the same layer.
-    Mixtures of pre-trained LoRAs (X-LoRA, MeteoRA) read their expert folders next, and `prepare`
-    then sees the new layers (e.g. to load weights); both happen before the layers are attached,
-    so an error there also leaves the model as it was.
+    Each kind's `Adapter.prepare` then sees the new layers (the LoRA mixtures read their expert
+    folders there), and `prepare` after it (e.g. to load saved weights); both happen before the
+    layers are attached, so an error there also leaves the model as it was.
     """
     unfused = unfuse_attention(model, targeted_attention(model, rules))
     try:
@@ -85,7 +86,7 @@ def inject(
             base_layer = model.get_submodule(name)
             layers[name] = AdaptedLinear(base_layer, build_adapter(config, base_layer), config)
             layers[name].train(base_layer.training)  # new modules start in train mode; follow the model's
-        attach_pretrained_experts(layers)
+        prepare_kinds(layers)
         if prepare is not None:
             prepare(layers)
     except Exception:
@@ -95,14 +96,23 @@ def inject(
         model.requires_grad_(False)
     collector = RoutingCollector()
     for name, layer in layers.items():
-        if isinstance(layer.adapter, ROUTED_ADAPTERS):
-            layer.adapter.layer_name = name
-            layer.adapter.collector = collector
+        layer.adapter.bind_routing(name, collector)
         parent_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attribute, layer)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return InjectionReport({n: c.kind for n, c in plan.items()}, trainable, total, collector)
+
+
+def prepare_kinds(layers: dict[str, AdaptedLinear]) -> None:
+    """Each kind's `prepare`, once, with every new layer (kinds that share one, like the two LoRA
+    mixtures, read their shared expert folders once for all their layers)."""
+    seen = set()
+    for layer in layers.values():
+        prepare = type(layer.adapter).prepare
+        if prepare.__func__ not in seen:
+            seen.add(prepare.__func__)
+            prepare(layers)
 
 
 def targeted_attention(model: nn.Module, rules: list[AdapterRule]) -> list[str]:
@@ -129,9 +139,21 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
 def routing_collector(model: nn.Module) -> RoutingCollector | None:
     """The collector the model's routers share (None when it has no routed adapter)."""
     for _, layer in adapted_layers(model):
-        if isinstance(layer.adapter, ROUTED_ADAPTERS):
+        if layer.adapter.routed:
             return layer.adapter.collector
     return None
+
+
+def end_task(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """After training a task, every continual adapter's task-boundary step (MoRA freezes and
+    prunes its atoms, CoDyRA merges its surviving ranks, MoE-Adapters freezes its most used
+    experts). Returns what each layer kept, under each continual kind's `task_record` (empty for
+    kinds the model does not use)."""
+    records = {kind.task_record: {} for kind in ADAPTER_KINDS.values() if kind.task_record}
+    for name, layer in adapted_layers(model):
+        if layer.adapter.task_record:
+            records[layer.adapter.task_record][name] = layer.adapter.end_task()
+    return records
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -5,30 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig
-from .errors import AdapterConfigError
-from .lora import LoraAdapter
-from .mixture import LoraMixtureAdapter
-from .moe import MoELoraAdapter
-from .rank_experts import RankExpertsAdapter
-from .rank_gates import RankGatedLoraAdapter
-from .task_experts import TaskRoutedExpertsAdapter
-
-ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
-    "lora": LoraAdapter,
-    "moe": MoELoraAdapter,
-    "task_moe": TaskRoutedExpertsAdapter,
-    "xlora": LoraMixtureAdapter,
-    "meteora": LoraMixtureAdapter,
-    "codyra": RankGatedLoraAdapter,
-    "mora": RankExpertsAdapter,
-}
-# Adapters that report routing decisions to the model's collector.
-ROUTED_ADAPTERS = (MoELoraAdapter, LoraMixtureAdapter)
+from .base import Adapter, AdapterConfig, adapter_class
 
 
-def build_adapter(config: AdapterConfig, base_layer: nn.Linear) -> nn.Module:
-    return ADAPTER_CLASSES[config.kind](base_layer, config)
+def build_adapter(config: AdapterConfig, base_layer: nn.Linear) -> Adapter:
+    """The adapter of `config`'s kind for `base_layer` (the registry: `base.ADAPTER_KINDS`)."""
+    return adapter_class(config.kind)(base_layer, config)
 
 
 class AdaptedLinear(nn.Module):
@@ -38,7 +20,7 @@ class AdaptedLinear(nn.Module):
     the base weight (then forward is just the base layer) and unmerged again.
     """
 
-    def __init__(self, base_layer: nn.Linear, adapter: nn.Module, config: AdapterConfig) -> None:
+    def __init__(self, base_layer: nn.Linear, adapter: Adapter, config: AdapterConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
@@ -85,14 +67,9 @@ class AdaptedLinear(nn.Module):
     @property
     def mergeable(self) -> bool:
         """Whether the update is input-independent, so it can live in the base weight."""
-        return getattr(self.adapter, "mergeable", False)
+        return self.adapter.mergeable
 
     def _delta_weight(self) -> Tensor:
-        if not self.mergeable:
-            raise AdapterConfigError(
-                f"only plain LoRA and fixed-weight LoRA mixtures merge into the base weight; this layer has a "
-                f"{self.config.kind!r} adapter, whose update depends on the input (routing)"
-            )
         return self.adapter.delta_weight().to(self.base_layer.weight.dtype)
 
     def extra_repr(self) -> str:

@@ -1,23 +1,75 @@
-"""Plain LoRA: the delta scaling * B @ A @ dropout(x) added to a frozen linear layer."""
+"""kind `lora`: plain LoRA, scaling * B @ A @ dropout(x) added to a frozen linear layer; also the
+low-rank settings and inits that the other low-rank kinds share."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import LoraConfig
+from .base import Adapter, AdapterConfig, register_adapter
+from .errors import AdapterConfigError
+
+LoraInit = Literal["kaiming", "gaussian", "pissa"]
 
 
-def kaiming_uniform_rows_(weight: torch.Tensor) -> None:
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """Fields every low-rank adapter shares (see `LoraConfig` for their meaning)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: LoraInit = "kaiming"
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise AdapterConfigError(f"rank must be a positive integer, got rank={self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterConfigError(f"dropout must be in [0, 1), got dropout={self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def refuse_pissa(self, what: str) -> None:
+        """For kinds whose ranks are not one fixed principal part of W."""
+        if self.init == "pissa":
+            raise AdapterConfigError(
+                f"init='pissa' applies to plain LoRA; {what} use 'kaiming' or 'gaussian'"
+            )
+
+
+@dataclass
+class LoraConfig(LowRankConfig):
+    """Plain LoRA: frozen W plus scaling * B @ A.
+
+    Args:
+        rank: Rank r of the update.
+        alpha: Scaling numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA).
+        dropout: Dropout on the adapter input during training.
+        use_rslora: Rank-stabilised scaling alpha / sqrt(r).
+        init: "kaiming" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
+            "pissa" (A, B from the top-r singular vectors of W; the frozen W is not modified,
+            the initial principal part is subtracted instead so the start equals the base model).
+    """
+
+    kind: ClassVar[str] = "lora"
+
+
+def kaiming_uniform_rows_(weight: Tensor) -> None:
     """The nn.Linear default init for a [rows, in] matrix (what PEFT uses for lora_A)."""
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
 @torch.no_grad()
-def zero_update_init_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str) -> None:
+def zero_update_init_(lora_A: Tensor, lora_B: Tensor, init: str) -> None:
     """A random ("gaussian": N(0, 1/r); otherwise kaiming-uniform), B = 0: the update starts at 0."""
     if init == "gaussian":
         nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
@@ -26,7 +78,8 @@ def zero_update_init_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str) -> 
     nn.init.zeros_(lora_B)
 
 
-class LoraAdapter(nn.Module):
+@register_adapter
+class LoraAdapter(Adapter):
     """Low-rank update of one linear layer: A: [r, in], B: [out, r].
 
     With PiSSA init, A and B start as the top-r principal part of W. Instead of rewriting the
@@ -35,10 +88,10 @@ class LoraAdapter(nn.Module):
     W_res + s * B @ A with identical gradients.
     """
 
-    mergeable = True  # the update does not depend on the input
+    config_class = LoraConfig
 
     def __init__(self, base_layer: nn.Linear, config: LoraConfig) -> None:
-        super().__init__()
+        super().__init__(base_layer, config)
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.scaling = config.scaling
@@ -48,8 +101,12 @@ class LoraAdapter(nn.Module):
         self.has_pissa_offset = config.init == "pissa"
         self._initialize(config, weight)
 
+    @property
+    def mergeable(self) -> bool:
+        return True  # the update does not depend on the input
+
     @torch.no_grad()
-    def _initialize(self, config: LoraConfig, base_weight: torch.Tensor) -> None:
+    def _initialize(self, config: LoraConfig, base_weight: Tensor) -> None:
         if config.init == "pissa":
             a0, b0 = pissa_factors(base_weight, config.rank, self.scaling)
             self.lora_A.copy_(a0)
@@ -59,22 +116,35 @@ class LoraAdapter(nn.Module):
             return
         zero_update_init_(self.lora_A, self.lora_B, config.init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.dtype)
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         if self.has_pissa_offset:
             delta = delta - F.linear(F.linear(x, self.pissa_A0), self.pissa_B0)
         return delta * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> Tensor:
         """The dense [out, in] update this adapter adds to W."""
-        delta = self.lora_B @ self.lora_A
-        if self.has_pissa_offset:
-            delta = delta - self.pissa_B0 @ self.pissa_A0
-        return delta * self.scaling
+        lora_A, lora_B = self.factors()
+        return lora_B @ lora_A * self.scaling
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) with scaling * B @ A this adapter's update (see `lora_factors`)."""
+        return lora_factors({name: value.detach() for name, value in self.state_dict().items()})
 
 
-def pissa_factors(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """A plain LoRA's (A [r', in], B [out, r']) from its tensors (`lora_A`, `lora_B`, and PiSSA's
+    `pissa_A0`, `pissa_B0`), such that scaling * B @ A is its whole update: PiSSA's subtracted
+    initial part becomes extra rank. Every export and every mixture reads LoRAs through this."""
+    lora_A, lora_B = tensors["lora_A"], tensors["lora_B"]
+    if "pissa_A0" in tensors:
+        lora_A = torch.cat([lora_A, tensors["pissa_A0"]])
+        lora_B = torch.cat([lora_B, -tensors["pissa_B0"]], dim=1)
+    return lora_A, lora_B
+
+
+def pissa_factors(weight: Tensor, rank: int, scaling: float) -> tuple[Tensor, Tensor]:
     """Split the top-`rank` singular part U S V^T of W into A0, B0 with scaling * B0 @ A0 == U S V^T."""
     u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
     root = (s[:rank] / scaling).sqrt()

@@ -1,14 +1,65 @@
-"""A mixture of LoRA experts: a token router in front of a bank of stacked experts."""
+"""kind `moe`: a mixture of LoRA experts behind a token-level top-k router (MoLE: top-1 on the
+MLP; MixLoRA: top-2 on the FFN), the experts stored stacked so every backend serves them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .backends import expert_backend
-from .config import MoELoraConfig
-from .lora import kaiming_uniform_rows_
-from .routing import RoutingCollector, RoutingRecord, TopKRouter
+from .backends import Backend, expert_backend
+from .base import Adapter, register_adapter
+from .errors import AdapterConfigError
+from .lora import LowRankConfig, kaiming_uniform_rows_
+from .routing import RouterGradient, RoutingRecord, TopKRouter
+
+
+@dataclass
+class MoEConfig(LowRankConfig):
+    """A mixture of LoRA experts behind a token-level top-k router (MoLE: top-1; MixLoRA: top-2).
+
+    Args:
+        rank: Rank r of every expert.
+        alpha: Scaling numerator, as in `LoraConfig`.
+        dropout: Dropout on the expert input during training.
+        use_rslora: Rank-stabilised scaling alpha / sqrt(r).
+        init: Expert init: "kaiming" or "gaussian" A, B = 0 ("pissa" is not defined for experts).
+        num_experts: Number of LoRA experts E (stacked as A: [E, r, in], B: [E, out, r]).
+        top_k: Experts per token. With top_k > 1 the chosen probabilities are renormalised.
+        router_gradient: For top-1 only: "prob" scales the expert output by its probability
+            (the router learns from the task loss through that product); "straight_through"
+            uses weight 1 in the forward pass and the probability's gradient in the backward.
+        jitter_noise: Multiplicative uniform noise (1 +- eps) on the router input in training.
+        backend: Expert compute path: "loop" (reference), "dense" or "grouped", all equal in
+            outputs and gradients; "auto" picks the fastest measured for the device, dtype and
+            expert count (see `backends.auto_backend`).
+    """
+
+    kind: ClassVar[str] = "moe"
+    num_experts: int = 4
+    top_k: int = 1
+    router_gradient: RouterGradient = "prob"
+    jitter_noise: float = 0.0
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_experts < 1:
+            raise AdapterConfigError(f"num_experts must be >= 1, got num_experts={self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise AdapterConfigError(
+                f"top_k must be between 1 and num_experts={self.num_experts}, got top_k={self.top_k}"
+            )
+        self.refuse_pissa("MoE experts")
+        if self.jitter_noise < 0:
+            raise AdapterConfigError(f"jitter_noise must be >= 0, got jitter_noise={self.jitter_noise}")
+        if self.router_gradient == "straight_through" and self.top_k > 1:
+            raise AdapterConfigError(
+                f"router_gradient='straight_through' is defined for top_k=1 only (top_k > 1 renormalises "
+                f"the chosen probabilities), got top_k={self.top_k}"
+            )
 
 
 class ExpertBank(nn.Module):
@@ -58,15 +109,19 @@ class ExpertBank(nn.Module):
         return compute(x, A, B, indices, weights)
 
 
-class MoELoraAdapter(nn.Module):
+@register_adapter
+class MoEAdapter(Adapter):
     """Router + expert bank; the delta of one adapted linear layer.
 
-    `layer_name` and `collector` are set by `inject`: the router's decisions go to the collector
-    (when it is capturing) instead of changing what this module returns.
+    The router's decisions go to the collector `inject` binds (when it is capturing) instead of
+    changing what this module returns.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: MoELoraConfig) -> None:
-        super().__init__()
+    config_class = MoEConfig
+    routed = True
+
+    def __init__(self, base_layer: nn.Linear, config: MoEConfig) -> None:
+        super().__init__(base_layer, config)
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.router = self.build_router(base_layer, config, factory)
         self.experts = ExpertBank(
@@ -80,10 +135,11 @@ class MoELoraAdapter(nn.Module):
             **factory,
         )
         self.backend = config.backend
-        self.layer_name = ""
-        self.collector: RoutingCollector | None = None
 
-    def build_router(self, base_layer: nn.Linear, config: MoELoraConfig, factory: dict) -> nn.Module:
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.router.parameters())
+
+    def build_router(self, base_layer: nn.Linear, config: MoEConfig, factory: dict) -> nn.Module:
         return TopKRouter(
             base_layer.in_features,
             config.num_experts,

@@ -8,6 +8,7 @@ which reproduces every module's scaling (to one float rounding step) whatever ou
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -16,22 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import target_layer
-from .config import AdapterRule
-from .errors import AdapterCheckpointError, AdapterConfigError
-from .files import write_adapter_folder
-from .inject import InjectionReport, adapted_layers, inject
-from .lora import LoraAdapter
-from .pretrained_lora import PEFT_PREFIX, PeftLoraLayer, check_factor_shapes, read_peft_lora
-
-
-def peft_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
-    """(A, B) such that scaling * B @ A is this adapter's update; PiSSA's offset becomes extra rank."""
-    a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
-    if adapter.has_pissa_offset:
-        a = torch.cat([a, adapter.pissa_A0])
-        b = torch.cat([b, -adapter.pissa_B0], dim=1)
-    return a, b
+from .adapter_folder import CONFIG_FILE, WEIGHTS_FILE, target_layer
+from .errors import AdapterCheckpointError
+from .files import write_folder_files
+from .inject import InjectionReport, inject
+from .lora_factors import PEFT_PREFIX, PeftLoraLayer, check_factor_shapes, plain_lora_layers, read_peft_lora
+from .rules import AdapterRule
 
 
 def export_peft(
@@ -46,19 +37,12 @@ def export_peft(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dropouts = set()
-    for name, layer in adapted_layers(model):
-        if not isinstance(layer.adapter, LoraAdapter):
-            raise AdapterConfigError(
-                f"PEFT export supports plain LoRA only; layer {name!r} has a {layer.config.kind!r} adapter"
-            )
-        a, b = peft_factors(layer.adapter)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
-        ranks[name] = a.shape[0]
-        alphas[name] = layer.adapter.scaling * a.shape[0]
-        dropouts.add(layer.config.dropout)
-    if not tensors:
-        raise AdapterConfigError(f"{type(model).__name__} has no LoRA adapters to export")
+    for name, lora_A, lora_B, scaling in plain_lora_layers(model, "PEFT export"):
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
+        ranks[name] = lora_A.shape[0]
+        alphas[name] = scaling * lora_A.shape[0]
+        dropouts.add(model.get_submodule(name).config.dropout)
     rank, _ = Counter(ranks.values()).most_common(1)[0]
     alpha, _ = Counter(alphas.values()).most_common(1)[0]
     config = {
@@ -77,7 +61,9 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    return write_adapter_folder(folder, tensors, config, overwrite)
+    return write_folder_files(
+        folder, {WEIGHTS_FILE: tensors}, {CONFIG_FILE: json.dumps(config, indent=2)}, overwrite
+    )
 
 
 def import_peft(model: nn.Module, folder: str | os.PathLike, freeze_base: bool = True) -> InjectionReport:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .config import RouterGradient
+RouterGradient = Literal["prob", "straight_through"]
 
 
 @dataclass

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, MoELoraConfig, adapted_layers, inject
+from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, adapted_layers, inject
 from lightning_moe.adapters.attention import LinearMultiheadAttention
 from lightning_moe.adapters.errors import AdapterConfigError
-from tests.adapters.conftest import randomize_adapters
-from tests.conftest import assert_same_maths
+from tests.tiny import randomize_adapters
+from tests.tolerances import assert_same_maths
 
 # Same maths as torch's attention through other kernels (SDPA, fused projection): compared in
 # float64 (see assert_same_maths), so the CPU's choice of kernels cannot matter.
@@ -147,7 +147,7 @@ def test_lora_on_open_clip_attention_equals_the_merged_weights(make_clip):
 
 def test_moe_experts_on_open_clip_attention_train(make_clip):
     model = make_clip().train()
-    inject(model, [AdapterRule(targets=["attn.in_proj"], adapter=MoELoraConfig(rank=2, num_experts=2))])
+    inject(model, [AdapterRule(targets=["attn.in_proj"], adapter=MoEConfig(rank=2, num_experts=2))])
     randomize_adapters(model)
     image_features = model.encode_image(torch.randn(2, 3, 16, 16))
     image_features.square().sum().backward()

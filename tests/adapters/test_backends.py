@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_moe.adapters import BACKENDS, MoELoraConfig
+from lightning_moe.adapters import BACKENDS, MoEConfig
 from lightning_moe.adapters.backends import DENSE_MAX_EXPERTS_PER_ROUTED, auto_backend
-from lightning_moe.adapters.moe import MoELoraAdapter
-from tests.conftest import FLOAT64_RTOL
+from lightning_moe.adapters.moe import MoEAdapter
+from tests.tolerances import FLOAT64_RTOL
 
 NUM_EXPERTS = 4
 IN_FEATURES, OUT_FEATURES = 21, 11  # not multiples of 4 or 8: the grouped backend pads every dim
@@ -128,12 +128,10 @@ def test_backends_handle_a_single_token_and_all_tokens_on_one_expert():
         assert_results_close(result, reference, TOLERANCE[dtype])
 
 
-def moe_layer(
-    top_k: int, router_gradient: str = "prob", rank: int = 5, dtype=torch.float64
-) -> MoELoraAdapter:
+def moe_layer(top_k: int, router_gradient: str = "prob", rank: int = 5, dtype=torch.float64) -> MoEAdapter:
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES, dtype=dtype)
-    config = MoELoraConfig(
+    config = MoEConfig(
         rank=rank,
         alpha=10.0,
         num_experts=NUM_EXPERTS,
@@ -141,13 +139,13 @@ def moe_layer(
         router_gradient=router_gradient,
         backend="loop",
     )
-    adapter = MoELoraAdapter(base, config)
+    adapter = MoEAdapter(base, config)
     with torch.no_grad():
         adapter.experts.lora_B.normal_(std=0.3)  # B = 0 at init would hide every router gradient
     return adapter
 
 
-def adapter_grads(adapter: MoELoraAdapter, x: torch.Tensor, projection: torch.Tensor) -> dict:
+def adapter_grads(adapter: MoEAdapter, x: torch.Tensor, projection: torch.Tensor) -> dict:
     """Output and gradients (as float64) of a linear loss; x is fed in the adapter's dtype."""
     x = x.detach().to(adapter.experts.lora_A.dtype, copy=True).requires_grad_()
     out = adapter(x)
@@ -161,7 +159,7 @@ def adapter_grads(adapter: MoELoraAdapter, x: torch.Tensor, projection: torch.Te
     }
 
 
-def assert_same_routing(layer: MoELoraAdapter, reference: MoELoraAdapter, x: torch.Tensor) -> None:
+def assert_same_routing(layer: MoEAdapter, reference: MoEAdapter, x: torch.Tensor) -> None:
     """A lower precision may flip a near-tie in the top-k choice; compare only when they agree."""
     flat = x.flatten(0, 1)
     with torch.no_grad():
@@ -253,8 +251,8 @@ def test_auto_backend_choice_follows_device_dtype_and_bank_size():
 def test_auto_backend_layer_matches_loop(num_experts, dtype):
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES, dtype=torch.float64)
-    config = MoELoraConfig(rank=3, alpha=6.0, num_experts=num_experts, top_k=2, backend="loop")
-    reference_layer = MoELoraAdapter(base, config)
+    config = MoEConfig(rank=3, alpha=6.0, num_experts=num_experts, top_k=2, backend="loop")
+    reference_layer = MoEAdapter(base, config)
     with torch.no_grad():
         reference_layer.experts.lora_B.normal_(std=0.3)
     layer = copy.deepcopy(reference_layer).to(dtype)

@@ -9,7 +9,7 @@ from lightning_moe.adapters import (
     AdapterConfigError,
     AdapterRule,
     LoraConfig,
-    MoELoraConfig,
+    MoEConfig,
     adapted_layers,
     inject,
     mixlora_rules,
@@ -17,8 +17,8 @@ from lightning_moe.adapters import (
     routing_collector,
 )
 from lightning_moe.adapters.lora import LoraAdapter
-from lightning_moe.adapters.moe import MoELoraAdapter
-from tests.conftest import assert_same_maths
+from lightning_moe.adapters.moe import MoEAdapter
+from tests.tolerances import assert_same_maths
 
 
 def adapter_parameter_names(model: nn.Module) -> set[str]:
@@ -59,7 +59,7 @@ def test_suffix_and_regex_rules_with_a_kind_per_rule(make_llama, input_ids):
         expected = model(input_ids).logits
     rules = [
         AdapterRule(
-            targets=["mlp.up_proj", "mlp.down_proj"], adapter=MoELoraConfig(rank=4, num_experts=3, top_k=2)
+            targets=["mlp.up_proj", "mlp.down_proj"], adapter=MoEConfig(rank=4, num_experts=3, top_k=2)
         ),
         AdapterRule(
             targets=[r"model\.layers\.\d+\.self_attn\.(q|v)_proj"],
@@ -75,7 +75,7 @@ def test_suffix_and_regex_rules_with_a_kind_per_rule(make_llama, input_ids):
     layers = dict(adapted_layers(model))
     assert set(layers) == set(report.adapted)
     for name, kind in report.adapted.items():
-        assert isinstance(layers[name].adapter, MoELoraAdapter if kind == "moe" else LoraAdapter)
+        assert isinstance(layers[name].adapter, MoEAdapter if kind == "moe" else LoraAdapter)
         assert isinstance(layers[name].base_layer, nn.Linear) and not isinstance(
             layers[name].base_layer, AdaptedLinear
         )
@@ -147,7 +147,7 @@ def test_open_clip_mlp_linears(make_clip):
     rules = [
         AdapterRule(
             targets=[r"visual\.transformer\.resblocks\.\d+\.mlp\.c_fc"],
-            adapter=MoELoraConfig(rank=4, num_experts=3),
+            adapter=MoEConfig(rank=4, num_experts=3),
             regex=True,
         ),
         AdapterRule(
@@ -231,7 +231,7 @@ def test_two_rules_claiming_one_module(make_llama):
     rules = [
         AdapterRule(targets=["self_attn.q_proj"], adapter=LoraConfig(rank=2)),
         AdapterRule(
-            targets=[r".*\.0\.self_attn\.q_proj"], adapter=MoELoraConfig(rank=2, num_experts=2), regex=True
+            targets=[r".*\.0\.self_attn\.q_proj"], adapter=MoEConfig(rank=2, num_experts=2), regex=True
         ),
     ]
     with pytest.raises(
@@ -254,14 +254,14 @@ def test_injecting_twice_into_one_layer_is_refused(make_llama):
     [
         (lambda: LoraConfig(rank=0), "rank=0"),
         (lambda: LoraConfig(rank=-3), "rank=-3"),
-        (lambda: MoELoraConfig(rank=0, num_experts=2), "rank=0"),
-        (lambda: MoELoraConfig(num_experts=2, top_k=3), "top_k=3"),
-        (lambda: MoELoraConfig(num_experts=2, top_k=0), "top_k=0"),
-        (lambda: MoELoraConfig(num_experts=0, top_k=1), "num_experts=0"),
+        (lambda: MoEConfig(rank=0, num_experts=2), "rank=0"),
+        (lambda: MoEConfig(num_experts=2, top_k=3), "top_k=3"),
+        (lambda: MoEConfig(num_experts=2, top_k=0), "top_k=0"),
+        (lambda: MoEConfig(num_experts=0, top_k=1), "num_experts=0"),
         (lambda: LoraConfig(dropout=1.0), "dropout=1.0"),
-        (lambda: MoELoraConfig(jitter_noise=-0.1), "jitter_noise=-0.1"),
-        (lambda: MoELoraConfig(num_experts=4, top_k=2, router_gradient="straight_through"), "top_k=2"),
-        (lambda: MoELoraConfig(init="pissa"), "pissa"),
+        (lambda: MoEConfig(jitter_noise=-0.1), "jitter_noise=-0.1"),
+        (lambda: MoEConfig(num_experts=4, top_k=2, router_gradient="straight_through"), "top_k=2"),
+        (lambda: MoEConfig(init="pissa"), "pissa"),
         (lambda: mixlora_rules(top_k=1), "top_k=1"),
         (lambda: AdapterRule(targets=[], adapter=LoraConfig()), "targets=\\[\\]"),
     ],
@@ -275,7 +275,7 @@ def test_config_errors_name_the_bad_value(build, message):
 def test_moe_expert_init(init):
     torch.manual_seed(0)
     base = nn.Linear(256, 8)
-    experts = MoELoraAdapter(base, MoELoraConfig(rank=4, num_experts=3, init=init)).experts
+    experts = MoEAdapter(base, MoEConfig(rank=4, num_experts=3, init=init)).experts
     assert torch.count_nonzero(experts.lora_B) == 0
     if init == "gaussian":
         assert experts.lora_A.std().item() == pytest.approx(1 / 4, rel=0.1)

@@ -11,13 +11,13 @@ from lightning_moe.adapters import (
     AdapterConfigError,
     AdapterRule,
     LoraConfig,
-    MoELoraConfig,
+    MoEConfig,
     inject,
     merge_adapters,
     unmerge_adapters,
 )
 from lightning_moe.adapters.layer import build_adapter
-from tests.conftest import assert_same_maths
+from tests.tolerances import assert_same_maths
 
 
 def make_layer(
@@ -34,7 +34,7 @@ def test_scaling_is_alpha_over_rank_or_over_sqrt_rank_with_rslora():
     assert LoraConfig(rank=8, alpha=16).scaling == 2.0
     assert LoraConfig(rank=4, alpha=8, use_rslora=True).scaling == 4.0
     assert LoraConfig(rank=6, alpha=5, use_rslora=True).scaling == pytest.approx(5 / math.sqrt(6), rel=1e-15)
-    assert MoELoraConfig(rank=16, alpha=8, use_rslora=True).scaling == 2.0
+    assert MoEConfig(rank=16, alpha=8, use_rslora=True).scaling == 2.0
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -179,7 +179,7 @@ def test_merge_adapters_on_a_model(make_llama, input_ids, randomize):
 
 
 def test_merging_a_moe_layer_raises_and_changes_nothing():
-    layer = make_layer(MoELoraConfig(rank=4, num_experts=3))
+    layer = make_layer(MoEConfig(rank=4, num_experts=3))
     weight = layer.base_layer.weight.clone()
     with pytest.raises(AdapterConfigError, match="'moe'"):
         layer.merge()
@@ -193,7 +193,7 @@ def test_merge_adapters_with_a_moe_layer_merges_nothing(make_llama, randomize):
         model,
         [
             AdapterRule(targets=["self_attn.q_proj"], adapter=LoraConfig(rank=4)),
-            AdapterRule(targets=["mlp.up_proj"], adapter=MoELoraConfig(rank=4, num_experts=2)),
+            AdapterRule(targets=["mlp.up_proj"], adapter=MoEConfig(rank=4, num_experts=2)),
         ],
     )
     randomize(model)

@@ -12,15 +12,15 @@ from lightning_moe.adapters import (
     AdapterConfigError,
     AdapterRule,
     LoraConfig,
-    MoELoraConfig,
+    MoEConfig,
     adapted_layers,
     export_peft,
     import_peft,
     inject,
     save_adapter,
 )
-from lightning_moe.adapters.checkpoint import adapter_state_dict
-from tests.conftest import assert_same_maths
+from lightning_moe.adapters.adapter_folder import adapter_state_dict
+from tests.tolerances import assert_same_maths
 
 # peft and we compute the same LoRA maths through different code (and kernels); those comparisons
 # run in float64 (see assert_same_maths)
@@ -170,7 +170,7 @@ def test_round_trip_ours_peft_ours_is_exact(make_llama, input_ids, tmp_path):
 
 def test_export_refuses_moe_adapters_and_existing_folders(make_llama, tmp_path):
     model = make_llama()
-    inject(model, [AdapterRule(targets=["mlp.up_proj"], adapter=MoELoraConfig(rank=2, num_experts=2))])
+    inject(model, [AdapterRule(targets=["mlp.up_proj"], adapter=MoEConfig(rank=2, num_experts=2))])
     with pytest.raises(AdapterConfigError, match=r"plain LoRA only.*model\.layers\.0\.mlp\.up_proj.*'moe'"):
         export_peft(model, tmp_path / "moe")
     lora = our_lora_model(make_llama, MIXED_RULES)

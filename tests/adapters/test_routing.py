@@ -7,7 +7,7 @@ from torch import nn
 from lightning_moe.adapters import (
     AdaptedLinear,
     AdapterRule,
-    MoELoraConfig,
+    MoEConfig,
     RoutingCollector,
     RoutingRecord,
     inject,
@@ -16,10 +16,10 @@ from lightning_moe.adapters import (
     mole_rules,
     routing_collector,
 )
-from lightning_moe.adapters.mixture import MixtureGate
-from lightning_moe.adapters.moe import MoELoraAdapter
+from lightning_moe.adapters.lora_mixture import MixtureGate
+from lightning_moe.adapters.moe import MoEAdapter
 from lightning_moe.adapters.routing import TopKRouter
-from tests.conftest import assert_same_maths
+from tests.tolerances import assert_same_maths
 
 IN_FEATURES, OUT_FEATURES, NUM_EXPERTS = 16, 10, 4
 
@@ -31,13 +31,13 @@ def make_router(top_k: int, gradient: str = "prob", jitter_noise: float = 0.0) -
 
 def make_moe(
     router_gradient: str = "prob", top_k: int = 1, dtype: torch.dtype = torch.float32, **kwargs
-) -> MoELoraAdapter:
+) -> MoEAdapter:
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES, dtype=dtype)
-    config = MoELoraConfig(
+    config = MoEConfig(
         rank=4, num_experts=NUM_EXPERTS, top_k=top_k, router_gradient=router_gradient, **kwargs
     )
-    adapter = MoELoraAdapter(base, config)
+    adapter = MoEAdapter(base, config)
     with torch.no_grad():
         adapter.experts.lora_B.normal_(std=0.3)
     return adapter
@@ -207,7 +207,7 @@ def test_task_loss_gives_router_gradients_in_a_model(make_llama, input_ids, rand
     rules = [
         AdapterRule(
             targets=["mlp.gate_proj", "mlp.down_proj"],
-            adapter=MoELoraConfig(rank=4, num_experts=3, router_gradient=router_gradient),
+            adapter=MoEConfig(rank=4, num_experts=3, router_gradient=router_gradient),
         )
     ]
     inject(model, rules)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.captioned_images import CaptionedImageDataModule, CaptionedImageMix
 from lightning_moe.data.concept_prompts import ConceptPromptDataModule
+from lightning_moe.errors import UserInputError
 
 
 def test_prompts_name_each_class_with_the_styles_as_training_captions_do():

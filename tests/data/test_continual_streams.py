@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_moe.adapters.errors import UserInputError
 from lightning_moe.data.continual_streams import ClassIncrementalStream, TaskIncrementalStream
+from lightning_moe.errors import UserInputError
 
 DIGIT_SPLITS = [["0", "1", "2"], ["3", "4", "5", "6"], ["7", "8", "9"]]
 

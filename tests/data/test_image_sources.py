@@ -4,7 +4,6 @@ import struct
 import numpy as np
 import pytest
 
-from lightning_moe.adapters import UserInputError
 from lightning_moe.data.image_sources import (
     fashion_mnist,
     mnist_5k,
@@ -12,6 +11,7 @@ from lightning_moe.data.image_sources import (
     sklearn_digits,
     textile_images,
 )
+from lightning_moe.errors import UserInputError
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_moe.adapters import UserInputError
 from lightning_moe.data.llava import IMAGE_TOKEN, read_llava, write_llava_dataset
+from lightning_moe.errors import UserInputError
 
 from .test_image_sources import write_idx
 

@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-from lightning_moe.adapters import UserInputError
 from lightning_moe.data.collate import IGNORE_INDEX
 from lightning_moe.data.math_problems import (
     MathDataModule,
@@ -10,6 +9,7 @@ from lightning_moe.data.math_problems import (
     read_gsm8k_jsonl,
     reasoning_gym_problems,
 )
+from lightning_moe.errors import UserInputError
 
 
 def small_module(**kwargs) -> MathDataModule:

@@ -1,8 +1,8 @@
 import pytest
 
-from lightning_moe.adapters import UserInputError
 from lightning_moe.data.sampling import EpochSeededSampler
 from lightning_moe.data.synthetic_text import SyntheticTextDataModule
+from lightning_moe.errors import UserInputError
 
 
 def _decoded(dm, example):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_moe.adapters import UserInputError
 from lightning_moe.data.collate import IGNORE_INDEX
 from lightning_moe.data.llava import IMAGE_TOKEN
 from lightning_moe.data.visual_instructions import VisualInstructionDataModule
+from lightning_moe.errors import UserInputError
 
 IMAGE_SLOT = "Ā"  # the byte tokenizer's symbol for byte 0, which no text here contains
 

@@ -1,0 +1,24 @@
+"""Commands beside Lightning's fit, validate, test and predict (the continual suite, ...).
+
+The package that owns a command registers it as an entry point in the group
+`lightning_moe.commands` (pyproject.toml), naming a `main(args: list[str])` function. The shell
+finds commands by name there and loads one only when it runs, so it never imports a domain and
+no import circle forms between a command and the CLI it calls back into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+
+GROUP = "lightning_moe.commands"
+
+
+def registered_commands() -> dict[str, EntryPoint]:
+    return {entry.name: entry for entry in entry_points(group=GROUP)}
+
+
+def command(name: str) -> Callable[[list[str]], object] | None:
+    """The `main` of the registered command `name`, or None when there is no such command."""
+    entry = registered_commands().get(name)
+    return entry.load() if entry is not None else None

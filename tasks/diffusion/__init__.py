@@ -1,0 +1,18 @@
+"""Diffusion LoRA composition: a small text-to-image base, concept LoRAs on it, four ways to
+compose them (merge, switch, composite, a learned gate), and a judge of what the images show."""
+
+from lightning_moe.tasks.diffusion.callbacks import ImagePredictionWriter
+from lightning_moe.tasks.diffusion.compositions import Composite, Merge, Switch
+from lightning_moe.tasks.diffusion.concept_judge import ConceptJudge, ConceptJudgeTask
+from lightning_moe.tasks.diffusion.text_to_image import TextToImageTask, UNetTrainingTask
+
+__all__ = [
+    "Composite",
+    "ConceptJudge",
+    "ConceptJudgeTask",
+    "ImagePredictionWriter",
+    "Merge",
+    "Switch",
+    "TextToImageTask",
+    "UNetTrainingTask",
+]

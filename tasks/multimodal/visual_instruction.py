@@ -1,0 +1,193 @@
+"""Visual instruction tuning (LLaVA recipe) with plain LoRA or MoLE in the language model.
+
+Stage "align" (`adapters: []`): only the projector trains, the LM and the vision encoder stay
+frozen. Stage "instruct": adapters (LoRA, or MoLE's top-1 experts on the MLP plus LoRA on
+attention) train together with the projector, which keeps its own learning rate (`extra_lr`).
+Lightning checkpoints hold projector + adapters + routers; the exported adapter folder holds the
+adapters and `projector.safetensors`. Evaluation generates answers greedily and scores them per
+domain (normalised exact match); at test time TensorBoard also gets which experts each domain's
+tokens went to.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_moe.data.llava import DOMAINS
+from lightning_moe.data.visual_instructions import image_token_id
+from lightning_moe.errors import UserInputError
+from lightning_moe.module import AdapterModule
+from lightning_moe.parallel import full_tensor
+from lightning_moe.routing_logging import DomainRouting
+from lightning_moe.tasks.multimodal.vision_language import VisionLanguageModel, build_vision_encoder
+from lightning_moe.tasks.reasoning.answer_match import NormalizedMatch, normalize_answer
+from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm, greedy_generation
+from lightning_moe.tokenization import load_tokenizer
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class VisualInstructionTask(AdapterModule):
+    """A LLaVA-style model (vision encoder -> projector -> causal LM) tuned on visual instructions.
+
+    The CLI links `tokenizer`, `image_token` and `domains` from the data module (see
+    `VisualInstructionDataModule`), so model and data always agree on them.
+
+    Args:
+        tokenizer: The LM's tokenizer (asset name, folder, hub id or "bytes").
+        image_token: The token that marks image slots in the prompt.
+        domains: The domains scored separately.
+        language_model: A packaged asset name, folder or hub id of a causal LM.
+        language_model_config: Instead: a config dict (with `model_type`) for a random tiny LM.
+        vision_encoder: "efficientnet-lite0" (packaged weights) or any timm model name.
+        pretrained_vision: Load the encoder's pretrained weights (False: random, for tests).
+        projector_path: A trained projector (`projector.safetensors`, e.g. from the align stage) to
+            start from. A `projector.safetensors` inside `adapter_path` takes precedence.
+        max_new_tokens: Generation budget per answer.
+        model_seed: Seed of a `language_model_config` model and of the projector's initialisation.
+        cache_dir: Where converted packaged assets are cached.
+        **kwargs: Adapter and optimisation settings of `AdapterModule`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m-instruct",
+        image_token: str = "<|endoftext|>",
+        domains: list[str] | None = None,
+        language_model: str | None = "smollm2-135m-instruct",
+        language_model_config: dict[str, Any] | None = None,
+        vision_encoder: str = "efficientnet-lite0",
+        pretrained_vision: bool = True,
+        projector_path: str | None = None,
+        max_new_tokens: int = 8,
+        model_seed: int = 0,
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if language_model_config is not None:
+            language_model = None
+        self.tokenizer_name = tokenizer
+        self.image_token = image_token
+        self.domains = list(domains or DOMAINS)
+        self.language_model_name = language_model
+        self.language_model_config = language_model_config
+        self.vision_encoder_name = vision_encoder
+        self.pretrained_vision = pretrained_vision
+        self.projector_path = projector_path
+        self.max_new_tokens = max_new_tokens
+        self.model_seed = model_seed
+        self.cache_dir = cache_dir
+        self.answer_metrics = nn.ModuleDict()
+        self.domain_routing = DomainRouting()
+
+    # --- model --------------------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.tokenizer_name, self.cache_dir)
+
+    def build_model(self) -> nn.Module:
+        language_model = build_causal_lm(
+            self.language_model_name,
+            self.language_model_config,
+            self.model_seed,
+            torch.float32,
+            self.cache_dir,
+        )
+        vision = build_vision_encoder(self.vision_encoder_name, self.pretrained_vision, self.cache_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.model_seed)  # the same projector start in every run of a seed
+            model = VisionLanguageModel(
+                vision, language_model, image_token_id(self.tokenizer, self.image_token)
+            )
+        # a saved adapter folder carries the projector trained with it, which wins over the start point
+        source = self._projector_in_adapter_path() or self.projector_path
+        if source:
+            _load_projector(model.projector, source)
+        return model
+
+    def _projector_in_adapter_path(self) -> str | None:
+        if self.adapter_path and (Path(self.adapter_path) / PROJECTOR_FILE).is_file():
+            return str(Path(self.adapter_path) / PROJECTOR_FILE)
+        return None
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"model.projector": self.model.projector} if self.model is not None else {}
+
+    def exported_modules(self) -> dict[str, dict[str, Tensor]]:
+        # gathered on every process (a sharded projector), written with the adapters in one step
+        return {PROJECTOR_FILE: {k: full_tensor(v) for k, v in self.model.projector.state_dict().items()}}
+
+    # --- steps ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        for domain in self.domains:
+            if domain not in self.answer_metrics:
+                self.answer_metrics[domain] = NormalizedMatch()
+
+    def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        output = self.model(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+        )
+        return output.loss, batch["attention_mask"]
+
+    def generate(self, batch: dict) -> list[str]:
+        tokenizer = self.tokenizer
+        settings = greedy_generation(tokenizer, self.max_new_tokens)
+        tokens = self.model.generate(
+            batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], generation_config=settings
+        )
+        return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def _score(self, batch: dict, stage: str) -> None:
+        outputs = self.generate(batch)
+        for domain in set(batch["domain"]):
+            rows = [i for i, d in enumerate(batch["domain"]) if d == domain]
+            metric = self.answer_metrics[domain]
+            metric.update([outputs[i] for i in rows], [batch["reference"][i] for i in rows])
+            self.log(f"{stage}/accuracy/{domain}", metric, on_step=False, on_epoch=True, batch_size=len(rows))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = super().validation_step(batch, batch_idx)
+        self._score(batch, "val")
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = super().test_step(batch, batch_idx)
+        # the collector keeps what the loss pass just captured
+        self.domain_routing.update(self.injection.collector.records, batch["attention_mask"], batch["domain"])
+        self._score(batch, "test")
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        self.domain_routing.log(self, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        records = []
+        for domain, question, reference, output in zip(
+            batch["domain"], batch["question"], batch["reference"], self.generate(batch), strict=True
+        ):
+            record = {"domain": domain, "question": question, "reference": reference, "generation": output}
+            if reference:
+                record["correct"] = normalize_answer(output) == normalize_answer(reference)
+            records.append(record)
+        return records
+
+
+def _load_projector(projector: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise UserInputError(f"projector file {path} does not exist")
+    state = load_file(path)
+    expected = projector.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        raise UserInputError(
+            f"{path} does not fit this projector: it has {sorted((k, list(v.shape)) for k, v in state.items())[:2]}..., "
+            f"the model needs {sorted((k, list(v.shape)) for k, v in expected.items())[:2]}..."
+        )
+    projector.load_state_dict(state)
