@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_moe.errors import UserInputError
+from lightning_moe.routing_logging import summary_line
 from lightning_moe.task import TaskModule
+from lightning_moe.tensorboard_views import add_text
 
 
 def _run_folder(trainer: L.Trainer) -> Path:
@@ -102,8 +105,12 @@ class BeforeAfterTable(L.Callback):
 
     "Before" is Lightning's sanity-check validation, made to cover the whole validation set; at
     that point fresh adapters are zero deltas, so it scores the base model. Those values also go
-    to the logger at step 0. "After" is the last validation of the run. The table is printed and
-    written to `before_after.md` in the run's log directory.
+    to the logger at step 0. "After" is the last validation of the run. For a score that is a
+    share of the n validation examples (its name has no "loss"), the table also gives the noise
+    of the change: twice its standard error, sqrt(b(1-b)/n + a(1-a)/n) (unpaired, so an upper
+    bound for the same examples scored twice). Under the table, one line sums up the routing of
+    the last logged training step. The table goes to stdout, to `before_after.md` in the run's
+    log directory and to TensorBoard's text tab.
 
     Args:
         metrics: Logged validation metrics to compare, e.g. ["val/strict_match", "val/loss"].
@@ -126,14 +133,44 @@ class BeforeAfterTable(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        after = trainer.callback_metrics
-        rows = ["| metric | before training | after training |", "|---|---|---|"]
-        for name in self.metrics:
-            before = f"{self.before[name]:.4f}" if name in self.before else "not measured"
-            final = f"{float(after[name]):.4f}" if name in after else "not measured"
-            rows.append(f"| {name} | {before} | {final} |")
-        table = "\n".join(rows)
+        after = {
+            name: float(value) for name, value in trainer.callback_metrics.items() if name in self.metrics
+        }
+        examples = validation_examples(trainer)
+        table = before_after_markdown(self.metrics, self.before, after, examples)
+        routing = getattr(pl_module, "routing_summary", None)
+        if routing is not None and routing[1] is not None:
+            table += f"\n\n{summary_line(routing[1])} (training step {routing[0]})"
         print(f"\n{table}\n")
         folder = _run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "before_after.md").write_text(table + "\n")
+        add_text(trainer.logger, "before_after", table, trainer.global_step)
+
+
+def validation_examples(trainer: L.Trainer) -> int | None:
+    """How many examples the validation data holds, when its datasets say."""
+    loaders = trainer.val_dataloaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    try:
+        return sum(len(loader.dataset) for loader in loaders)
+    except (AttributeError, TypeError):
+        return None
+
+
+def before_after_markdown(
+    metrics: list[str], before: dict[str, float], after: dict[str, float], examples: int | None
+) -> str:
+    header = f"| metric | before training | after training | change | noise (2 s.e., n={examples}) |"
+    rows = [header, "|---|---:|---:|---:|---:|"]
+    for name in metrics:
+        first, last = before.get(name), after.get(name)
+        cells = [f"{v:.4f}" if v is not None else "not measured" for v in (first, last)]
+        change = noise = ""
+        if first is not None and last is not None:
+            change = f"{last - first:+.4f}"
+            if examples and "loss" not in name and 0 <= first <= 1 and 0 <= last <= 1:
+                spread = math.sqrt((first * (1 - first) + last * (1 - last)) / examples)
+                noise = f"± {2 * spread:.4f}"
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {change} | {noise} |")
+    return "\n".join(rows)

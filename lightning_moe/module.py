@@ -76,6 +76,7 @@ class AdapterModule(TaskModule):
         self.injection: InjectionReport | None = None
         self.router_losses: RouterLosses | None = None
         self.base_prints: dict[str, dict] = {}  # taken before sharding, when every weight is whole
+        self.routing_summary: tuple[int, dict[str, float] | None] | None = None  # (step, summary) last logged
 
     # --- model life cycle -----------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -128,7 +129,8 @@ class AdapterModule(TaskModule):
             terms, token_mask = super().loss_terms(batch)
         terms |= self.router_losses.terms(records, token_mask, batch)
         if records and self.training and self.global_step % self.routing_log_every_n_steps == 0:
-            log_routing_statistics(self, routing_statistics(records, token_mask), records, "train")
+            summary = log_routing_statistics(self, routing_statistics(records, token_mask), "train")
+            self.routing_summary = (self.global_step, summary)
         return terms, token_mask
 
     # --- optimisation ---------------------------------------------------------------------

@@ -68,6 +68,11 @@ class TaskModule(L.LightningModule):
         "model.projector"); everything else of the model stays frozen."""
         return {}
 
+    def tensorboard_layout(self) -> dict[str, dict[str, list[str]]]:
+        """Custom-scalars categories of this task's own metrics ({category: {chart title: tag
+        regexes}}), added to the shell's (`lightning_moe.tensorboard_views.LAYOUT`)."""
+        return {}
+
     def export(self, folder: str, base_model: str = "", overwrite: bool = False) -> None:
         """Write what this task produced to `folder` (every process calls it: a sharded model
         gathers its tensors; one process writes)."""

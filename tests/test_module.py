@@ -45,19 +45,29 @@ def test_fit_logs_routing_and_saves_adapter_only_checkpoints(tmp_path, monkeypat
     exported = load_file(directory / "adapter/adapter_model.safetensors")
     assert set(exported) == {key.removeprefix("model.").replace(".adapter.", ".") for key in keys}
 
-    events = EventAccumulator(str(directory), size_guidance={"images": 0, "histograms": 0}).Reload()
+    events = EventAccumulator(
+        str(directory), size_guidance={"images": 0, "histograms": 0, "tensors": 0}
+    ).Reload()
     scalars = events.Tags()["scalars"]
     for tag in [
         "train/task_loss",
         "train/balance_loss",
-        "train/router_entropy",
-        "train/dead_experts",
-        "routing/model.layers.0.mlp.up_proj/entropy",
-        "routing/model.layers.1.mlp.down_proj/dead_experts",
+        "routing/entropy",
+        "routing/max_load",
+        "routing/dead_experts",
     ]:
         assert tag in scalars
-    assert "routing_experts/model.layers.0.mlp.gate_proj" in events.Tags()["histograms"]
+    # per-layer detail is in one figure and two histograms, not in scalars per layer
+    assert not [tag for tag in scalars if "layers." in tag]
+    assert {"routing/layer_entropy", "routing/layer_max_load"} <= set(events.Tags()["histograms"])
     assert "train/expert_load" in events.Tags()["images"]
+    entropy = [event.value for event in events.Scalars("routing/entropy")]
+    assert entropy and all(0.0 <= value <= 1.0 for value in entropy)
+    max_load = [event.value for event in events.Scalars("routing/max_load")]
+    assert all(1.0 <= value <= 4.0 for value in max_load)  # 4 experts: balanced .. one takes all
+    # the custom-scalars layout and the config as text
+    text_tags = events.Tags()["tensors"]
+    assert "custom_scalars__config__" in text_tags and "config/text_summary" in text_tags
 
 
 EVERY_TWO_STEPS = (

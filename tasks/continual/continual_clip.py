@@ -233,6 +233,15 @@ class ContinualClipTask(AdapterModule):
             self.export(str(self.run_folder / "tasks" / f"task{task}"), overwrite=True)
         self.log_task_end(task, row, kept)
 
+    def tensorboard_layout(self) -> dict[str, dict[str, list[str]]]:
+        return {
+            "continual": {
+                "accuracy on each task, after each task": [r"continual/accuracy/.+"],
+                "mean accuracy over the tasks seen": [r"continual/accuracy_seen$"],
+                "ranks, atoms or experts kept": [r"continual/(?!accuracy).+"],
+            }
+        }
+
     def log_task_end(self, task: int, row: list[float], kept: dict[str, dict]) -> None:
         for name, accuracy in zip(self.record.tasks, row, strict=True):
             self.log(f"continual/accuracy/{name}", accuracy)

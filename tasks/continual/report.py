@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from lightning_moe.figures import heatmap_figure
 from lightning_moe.tasks.continual.metrics import class_incremental_summary, task_incremental_summary
 
 RECORD_FILE = "accuracy_matrix.json"
@@ -89,17 +90,15 @@ def matrix_figure(record: ContinualRecord) -> Figure:
     """A heatmap: the zero-shot row, then one row per trained task; accuracies in percent."""
     rows = [record.zero_shot, *record.matrix]
     labels = ["zero-shot"] + [f"after {name}" for name in record.tasks[: len(record.matrix)]]
-    values = 100 * np.array(rows)
-    figure = Figure(figsize=(1.2 + 0.9 * len(record.tasks), 0.8 + 0.45 * len(rows)))
-    axes = figure.add_subplot()
-    axes.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-    axes.set_xticks(range(len(record.tasks)), record.tasks, rotation=30, ha="right")
-    axes.set_yticks(range(len(rows)), labels)
-    for (i, j), value in np.ndenumerate(values):
-        axes.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black")
-    axes.set_title("accuracy (%) on each task")
-    figure.tight_layout()
-    return figure
+    return heatmap_figure(
+        100 * np.array(rows),
+        labels,
+        list(record.tasks),
+        "accuracy (%) on each task (columns) after training each task (rows)",
+        "accuracy (%)",
+        vmax=100.0,
+        column_title="evaluated on",
+    )
 
 
 def mean_std_table(results: dict[str, list[dict[str, float]]]) -> tuple[str, str]:

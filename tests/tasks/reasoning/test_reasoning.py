@@ -123,7 +123,11 @@ def test_before_after_table_scores_the_base_first(run, tmp_path, monkeypatch):
     assert calls == [0, 0, 2, 2]  # the whole validation set before training, then after it
     folder = tmp_path / "runs/reasoning/mole_smollm2/demo"
     table = (folder / "before_after.md").read_text().splitlines()
-    assert table[2] == "| val/strict_match | 0.0000 | 1.0000 |"
-    assert table[3].startswith("| val/loss | ")
-    events = EventAccumulator(str(folder)).Reload()
+    assert table[0].endswith("noise (2 s.e., n=4) |")  # the overlay's 4 validation problems
+    # every answer was wrong, then right: the change is exact, its noise (2 s.e.) is 0
+    assert table[2] == "| val/strict_match | 0.0000 | 1.0000 | +1.0000 | ± 0.0000 |"
+    assert table[3].startswith("| val/loss | ") and table[3].endswith(" |  |")
+    assert table[5].startswith("routing: entropy ") and "(training step " in table[5]
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0}).Reload()
     assert [(e.step, e.value) for e in events.Scalars("val/strict_match")] == [(0, 0.0), (1, 1.0)]
+    assert {"before_after/text_summary", "val/samples/text_summary"} <= set(events.Tags()["tensors"])
