@@ -28,6 +28,7 @@ from PIL import Image
 
 from lightning_moe.assets import default_cache_dir
 from lightning_moe.errors import UserInputError
+from lightning_moe.progress import stage
 
 FASHION_CLASSES = [
     "T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -140,13 +141,20 @@ def fetch_fashion_mnist(cache: Path) -> Path:
             return folder
         staging = Path(staging)
         try:
-            subprocess.run(
-                ["apt-get", "download", "dataset-fashion-mnist"], cwd=staging, check=True, capture_output=True
-            )
+            with stage(
+                f"fetching Fashion-MNIST into {folder} (once): apt-get download dataset-fashion-mnist"
+            ):
+                subprocess.run(
+                    ["apt-get", "download", "dataset-fashion-mnist"],
+                    cwd=staging,
+                    check=True,
+                    capture_output=True,
+                )
             (deb,) = staging.glob("dataset-fashion-mnist_*.deb")
-            subprocess.run(
-                ["dpkg", "-x", str(deb), str(staging / "unpacked")], check=True, capture_output=True
-            )
+            with stage("unpacking dataset-fashion-mnist"):
+                subprocess.run(
+                    ["dpkg", "-x", str(deb), str(staging / "unpacked")], check=True, capture_output=True
+                )
         except (OSError, ValueError, subprocess.CalledProcessError) as error:
             raise UserInputError(
                 "could not fetch Fashion-MNIST from the Debian package dataset-fashion-mnist "

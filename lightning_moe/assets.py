@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_moe.errors import UserInputError
+from lightning_moe.progress import stage
 
 CACHE_ENV = "LIGHTNING_MOE_CACHE"
 MANIFEST = "lightning_moe_asset.json"
@@ -111,12 +113,15 @@ def converted_gguf_folder(gguf_file: Path, folder: Path) -> Path:
                     f"{folder} exists but was not written by lightning_moe ({problem}); "
                     f"move it away or point {CACHE_ENV} to another cache folder"
                 )
-            print(f"rebuilding the damaged converted model in {folder}: {problem}")
+            print(f"rebuilding the damaged converted model in {folder}: {problem}", file=sys.stderr)
             shutil.rmtree(folder)
-        print(f"converting {gguf_file.name} to a Hugging Face folder in {folder} (once; ~30 s)")
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            _convert_gguf(gguf_file, staging)
+            # the conversion builds a model, which draws from torch's generator: without the fork,
+            # a run that converts would initialise its adapters unlike every later run
+            converting = stage(f"converting {gguf_file.name} to a Hugging Face folder in {folder} (once)")
+            with converting, torch.random.fork_rng(devices=[]):
+                _convert_gguf(gguf_file, staging)
             staging.rename(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

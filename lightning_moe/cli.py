@@ -20,14 +20,16 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_moe.adapters.errors import AdapterOptionError
 from lightning_moe.checkpoint_io import use_atomic_checkpoints
-from lightning_moe.commands import command
+from lightning_moe.commands import command, command_summaries
 from lightning_moe.config_errors import UNION_TEXT, one_line
 from lightning_moe.errors import STOPPING_ERRORS, ConfigError, UserInputError
+from lightning_moe.progress import default_progress_bar
 from lightning_moe.run_folder import (
     check_checkpoint_path,
     check_earlier_run,
@@ -35,9 +37,15 @@ from lightning_moe.run_folder import (
     run_folder,
 )
 from lightning_moe.task import TaskModule
+from lightning_moe.tensorboard_views import TensorBoardViews
 
 PROG = "python -m lightning_moe"
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = {
+    "fit": "train a task from its config, validating as its trainer settings say",
+    "validate": "score a task on its validation data (from a config, optionally --ckpt_path)",
+    "test": "score a task on its test data",
+    "predict": "write a task's predictions (e.g. generations with their scores) for its predict data",
+}
 DATA_LINKS = ("tokenizer", "image_token", "image_size", "domains", "sources", "styles")
 USAGE_ERROR = 2  # a config or argument that does not parse; every other error exits with 1
 
@@ -65,6 +73,18 @@ class LightningMoeCLI(LightningCLI):
         for name in DATA_LINKS:
             parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
         parser.link_arguments("data", "model.init_args.data", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # every run gets the TensorBoard views and, unless it names one or turns it off, a
+        # progress display that works in a terminal and in a log file
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        extra = [TensorBoardViews()]
+        wants_bar = trainer.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            extra.append(default_progress_bar())
+        trainer["callbacks"] = callbacks + extra
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         # LightningCLI's own version warns whenever `args` is given and sys.argv is not empty,
@@ -131,12 +151,30 @@ def _option_names(parser, args: list[str] | None) -> list[str]:
     return sorted({action.dest for action in chosen._actions if action.dest not in ("help", "config")})
 
 
+def overview() -> str:
+    """`python -m lightning_moe --help`: every command, Lightning's and the registered ones."""
+    described = SUBCOMMANDS | command_summaries()
+    width = max(map(len, described))
+    lines = [
+        f"usage: {PROG} <command> [options]",
+        f"       {PROG} <command> --help    (the options of one command)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {summary}" for name, summary in described.items()]
+    lines += ["", f"example: {PROG} fit --config configs/reasoning/mole_smollm2.yaml"]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | Any:
     """The CLI (`args`: the command line without the program; None reads sys.argv). `run=False`
     parses and instantiates the model and data of a `fit` config without running it."""
     words = sys.argv[1:] if args is None else list(args)
+    if not words or words[0] in ("-h", "--help"):
+        print(overview())
+        return None
     try:
-        run_command = command(words[0]) if words and words[0] not in SUBCOMMANDS else None
+        run_command = command(words[0]) if words[0] not in SUBCOMMANDS else None
         if run_command is not None:
             return run_command(words[1:])
         return LightningMoeCLI(

@@ -44,6 +44,22 @@ def test_conversion_happens_once_and_is_reused(tmp_path, gguf_file, conversions)
     assert sorted(p.name for p in target.parent.iterdir()) == ["model", "model.lock"]
 
 
+def test_a_conversion_leaves_the_random_state_as_it_found_it(tmp_path, gguf_file, conversions, monkeypatch):
+    # the real conversion builds a model; a run that converts must start its adapters like any other
+    convert = assets._convert_gguf
+
+    def drawing_convert(source: Path, target: Path) -> None:
+        torch.rand(1000)
+        convert(source, target)
+
+    monkeypatch.setattr(assets, "_convert_gguf", drawing_convert)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    converted_gguf_folder(gguf_file, tmp_path / "cache" / "model")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_interrupted_conversion_leaves_no_folder(tmp_path, gguf_file, monkeypatch):
     def crash(source, target):
         (target / "model.safetensors").write_bytes(bytes(10))
@@ -78,7 +94,7 @@ def test_damaged_folder_is_rebuilt(tmp_path, gguf_file, conversions, damage, cap
     converted_gguf_folder(gguf_file, target)
     assert len(conversions) == 2
     assert assets.folder_problem(target, gguf_file) is None
-    assert "rebuilding the damaged converted model" in capsys.readouterr().out
+    assert "rebuilding the damaged converted model" in capsys.readouterr().err
 
 
 def test_folder_from_another_gguf_is_rebuilt(tmp_path, gguf_file, conversions):

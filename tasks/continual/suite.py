@@ -49,9 +49,10 @@ def run_suite(
     overrides = list(overrides or [])
     for config in methods.values():  # every config parses before anything trains
         cli_main(["--config", stream, "--config", config, *overrides], run=False)
-    for method, config in methods.items():
-        for seed in seeds:
-            run_method(stream, config, seed, Path(output_dir) / method / f"seed{seed}", overrides)
+    runs = [(method, config, seed) for method, config in methods.items() for seed in seeds]
+    for index, (method, config, seed) in enumerate(runs):
+        progress = {"run": index + 1, "runs": len(runs), "method": method, "seed": seed}
+        run_method(stream, config, seed, Path(output_dir) / method / f"seed{seed}", overrides, progress)
     return write_tables(Path(output_dir), list(methods), seeds)
 
 
@@ -68,13 +69,19 @@ def check_suite(stream: str, methods: dict[str, str], seeds: list[int]) -> None:
         raise UserInputError(f"seeds must be distinct and at least one, got {seeds}")
 
 
-def run_method(stream: str, config: str, seed: int, folder: Path, overrides: list[str]) -> None:
+def run_method(
+    stream: str, config: str, seed: int, folder: Path, overrides: list[str], progress: dict | None = None
+) -> None:
+    """One method x seed run, skipped when its matrix is complete and resumed from its last
+    checkpoint when it has one; `progress` ({run, runs, method, seed}) labels its progress lines."""
+    progress = progress or {"run": 1, "runs": 1, "method": Path(config).stem, "seed": seed}
+    label = f"[run {progress['run']}/{progress['runs']}] {progress['method']} seed {seed}"
     if (folder / RECORD_FILE).is_file() and ContinualRecord.read(folder).complete:
-        rank_zero_info(f"{folder}: done, skipped")
+        rank_zero_info(f"{label}: done earlier, skipped ({folder})")
         return
     last = folder / "checkpoints" / "last.ckpt"
     resume = [f"--ckpt_path={last}"] if last.is_file() else []
-    rank_zero_info(f"{folder}: {'resuming from ' + str(last) if resume else 'starting'}")
+    rank_zero_info(f"{label}: {'resuming from ' + str(last) if resume else 'starting'} ({folder})")
     cli_main(
         [
             "fit",
@@ -89,6 +96,8 @@ def run_method(stream: str, config: str, seed: int, folder: Path, overrides: lis
             f"--trainer.logger.init_args.save_dir={folder}",
             "--trainer.logger.init_args.name=",
             "--trainer.logger.init_args.version=",
+            "--trainer.callbacks+=lightning_moe.tasks.continual.callbacks.SuiteRunProgress",
+            *(f"--trainer.callbacks.{key}={value}" for key, value in progress.items()),
             *resume,
         ]
     )
@@ -110,6 +119,7 @@ def write_tables(output_dir: Path, methods: list[str], seeds: list[int]) -> str:
 
 
 def main(args: list[str] | None = None) -> str:
+    """run the continual-learning suite: every method x seed over one stream, resumable, then the tables"""
     parser = ArgumentParser(prog="python -m lightning_moe suite", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(run_suite)

@@ -41,11 +41,18 @@ def method_configs(*names: str) -> dict[str, str]:
     return {name: str(REPO / "configs" / "continual" / f"{name}.yaml") for name in names}
 
 
-def test_the_embedded_suite_runs_every_method_and_seed(tmp_path, monkeypatch):
+def test_the_embedded_suite_runs_every_method_and_seed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_tiny_minilm()
     methods = method_configs("lora", "mora", "codyra", "moe_adapters")
     table = main([*suite_args(tmp_path / "suite", methods), "--seeds=[0, 1]"])
+    # one progress line per task of each run, and one when the run ends
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[run ")]
+    assert progress[0].startswith("[run 1/8] lora seed 0: task 1/2 (")
+    assert progress[1].startswith("[run 1/8] lora seed 0: task 2/2 (") and "% on it" in progress[1]
+    assert progress[2].startswith("[run 1/8] lora seed 0: done; after ")
+    assert progress[-1].startswith("[run 8/8] moe_adapters seed 1: done")
+    assert len(progress) == 8 * 3
     lines = table.splitlines()
     assert lines[0].startswith("| method | n | transfer | avg | last | mtil_mean | bwt | fwt | forgetting |")
     assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == ["zero-shot", *methods]
