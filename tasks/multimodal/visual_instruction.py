@@ -29,6 +29,7 @@ from lightning_moe.routing_logging import DomainRouting
 from lightning_moe.tasks.multimodal.vision_language import VisionLanguageModel, build_vision_encoder
 from lightning_moe.tasks.reasoning.answer_match import NormalizedMatch, normalize_answer
 from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm, greedy_generation
+from lightning_moe.tensorboard_views import add_text, markdown_table
 from lightning_moe.tokenization import load_tokenizer
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -51,6 +52,8 @@ class VisualInstructionTask(AdapterModule):
         projector_path: A trained projector (`projector.safetensors`, e.g. from the align stage) to
             start from. A `projector.safetensors` inside `adapter_path` takes precedence.
         max_new_tokens: Generation budget per answer.
+        samples_to_log: How many questions of each evaluation go to TensorBoard's text tab with
+            their generations (0: none).
         model_seed: Seed of a `language_model_config` model and of the projector's initialisation.
         cache_dir: Where converted packaged assets are cached.
         **kwargs: Adapter and optimisation settings of `AdapterModule`.
@@ -67,6 +70,7 @@ class VisualInstructionTask(AdapterModule):
         pretrained_vision: bool = True,
         projector_path: str | None = None,
         max_new_tokens: int = 8,
+        samples_to_log: int = 6,
         model_seed: int = 0,
         cache_dir: str | None = None,
         **kwargs: Any,
@@ -75,6 +79,7 @@ class VisualInstructionTask(AdapterModule):
         if language_model_config is not None:
             language_model = None
         self.tokenizer_name = tokenizer
+        self.samples_to_log = samples_to_log
         self.image_token = image_token
         self.domains = list(domains or DOMAINS)
         self.language_model_name = language_model
@@ -145,24 +150,43 @@ class VisualInstructionTask(AdapterModule):
         )
         return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
-    def _score(self, batch: dict, stage: str) -> None:
+    def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
         outputs = self.generate(batch)
         for domain in set(batch["domain"]):
             rows = [i for i, d in enumerate(batch["domain"]) if d == domain]
             metric = self.answer_metrics[domain]
             metric.update([outputs[i] for i in rows], [batch["reference"][i] for i in rows])
             self.log(f"{stage}/accuracy/{domain}", metric, on_step=False, on_epoch=True, batch_size=len(rows))
+        if batch_idx == 0 and self.samples_to_log:
+            self.log_samples(batch, outputs, stage)
+
+    def log_samples(self, batch: dict, outputs: list[str], stage: str) -> None:
+        """The first questions of the evaluation with their generations, as a TensorBoard text table."""
+        rows = [
+            [
+                domain,
+                question,
+                output,
+                reference,
+                "yes" if normalize_answer(output) == normalize_answer(reference) else "no",
+            ]
+            for domain, question, output, reference in zip(
+                batch["domain"], batch["question"], outputs, batch["reference"], strict=True
+            )
+        ][: self.samples_to_log]
+        table = markdown_table(["domain", "question", "generation", "answer", "match"], rows)
+        add_text(self.logger, f"{stage}/samples", table, self.global_step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = super().validation_step(batch, batch_idx)
-        self._score(batch, "val")
+        self._score(batch, batch_idx, "val")
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = super().test_step(batch, batch_idx)
         # the collector keeps what the loss pass just captured
         self.domain_routing.update(self.injection.collector.records, batch["attention_mask"], batch["domain"])
-        self._score(batch, "test")
+        self._score(batch, batch_idx, "test")
         return loss
 
     def on_test_epoch_end(self) -> None:

@@ -67,9 +67,13 @@ def test_checkpoint_reloads_to_identical_outputs_and_test_logs_domains(run, tmp_
     shares = [float(metrics[f"test/expert_share/digits/{e}"]) for e in range(4)]
     assert sum(shares) == pytest.approx(1.0)
     (events,) = tmp_path.rglob("mole_smollm2/version_1/events*")
-    accumulator = EventAccumulator(str(events))
+    accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert "test/domain_expert_share" in accumulator.Tags()["images"]
+    (samples,) = accumulator.Tensors("test/samples/text_summary")
+    table = samples.tensor_proto.string_val[0].decode().splitlines()
+    assert table[0] == "| domain | question | generation | answer | match |"
+    assert len(table) == 2 + min(6, len(batch["domain"]))
 
 
 def test_predict_answers_a_question_about_an_image_file(run, tmp_path):
