@@ -33,19 +33,20 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
     },
     "scores": {"validation": [rf"^val/(?!{_LOSSES}$).+"]},
 }
-# charts whose tags the first training step shows; the others would stay empty all run long
-_KEPT_WITHOUT_TAGS = ("validation loss", "validation")
 
 
 def charts_for(layout: dict[str, dict[str, list[str]]], tags: list[str]) -> dict[str, dict[str, list[str]]]:
-    """`layout` without the charts whose regexes match none of `tags` (validation charts stay:
-    their tags appear only after the first validation)."""
+    """`layout` without the charts whose regexes match none of `tags`, the metrics of the first
+    training step. Charts of validation tags (patterns starting `val/`) stay: those tags appear
+    only after the first validation."""
     kept = {}
     for category, charts in layout.items():
         shown = {
             title: patterns
             for title, patterns in charts.items()
-            if title in _KEPT_WITHOUT_TAGS or any(re.search(p, tag) for p in patterns for tag in tags)
+            if any(
+                p.lstrip("^").startswith("val/") or any(re.search(p, tag) for tag in tags) for p in patterns
+            )
         }
         if shown:
             kept[category] = shown
