@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor, distributed, nn
 
 from lightning_moe.adapters import (
+    AdapterConfigError,
     AdapterRule,
     InjectionReport,
     adapted_layers,
+    describe_injection,
     expert_references,
     inject,
     load_adapter,
@@ -31,6 +36,7 @@ from lightning_moe.adapters.adapter_folder import (
     read_rules,
     write_adapter,
 )
+from lightning_moe.adapters.data_init import initialise_from_data, needs_data, resolved_rules
 from lightning_moe.adapters.files import write_folder_files
 from lightning_moe.adapters.lora_mixture import check_expert_references
 from lightning_moe.errors import UserInputError
@@ -85,10 +91,45 @@ class AdapterModule(TaskModule):
             self.adapter_rules = read_rules(self.adapter_path)
         else:
             self.injection = inject(model, self.adapter_rules)
+            if needs_data(model) and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+                self.initialise_from_data(model)
         self.router_losses = RouterLosses(self.router_loss, model)
         self.base_prints = base_fingerprint(model)
         if self.injection.adapted:
             rank_zero_info(self.injection.summary())
+
+    def initialise_from_data(self, model: nn.Module) -> None:
+        """EVA / LoRA-GA from the first training batches, before sharding and before step 0.
+
+        Every process reads the same batches (the data module's own loader, not the trainer's
+        distributed one) and computes the same ranks; rank 0's tensors are then broadcast so the
+        processes hold identical adapters. A resumed run computes the same again, and the
+        checkpoint's recorded rules confirm it (`on_load_checkpoint`) before its state loads.
+        """
+        loader = (
+            self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.train_dataloader()
+        )
+        device = next(model.parameters()).device
+
+        def forward(batch):
+            return self.task_loss(move_data_to_device(batch, device))
+
+        try:
+            report = initialise_from_data(model, loader, forward)
+        except AdapterConfigError as error:
+            raise UserInputError(str(error)) from None
+        self.adapter_rules = resolved_rules(self.adapter_rules, model, report)
+        self.injection = describe_injection(model, self.injection.collector)
+        if distributed.is_available() and distributed.is_initialized():
+            ranks = self.trainer.strategy.broadcast(report.eva_ranks)
+            if ranks != report.eva_ranks:
+                raise UserInputError(
+                    f"EVA gave process {self.global_rank} other ranks than process 0; the data differ"
+                )
+            with torch.no_grad():
+                for value in adapter_state_dict(model).values():
+                    distributed.broadcast(value, src=0)
+        rank_zero_info(f"data-driven init: {report.summary()}")
 
     def sharded_units(self) -> list[nn.Module]:
         # each adapter on its own, so its small parameters are gathered apart from its block's;
@@ -168,10 +209,18 @@ class AdapterModule(TaskModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["base_fingerprint"] = self.base_prints
+        checkpoint["adapter_rules"] = [rule.to_dict() for rule in self.adapter_rules]
         checkpoint["expert_sha256"] = expert_references(dict(adapted_layers(self.model)))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_fingerprints(self.base_prints, checkpoint.get("base_fingerprint", {}), "checkpoint")
+        recorded = checkpoint.get("adapter_rules")
+        if recorded is not None and recorded != [rule.to_dict() for rule in self.adapter_rules]:
+            raise UserInputError(
+                "the checkpoint's adapters were built from other rules (or another data-driven init "
+                f"result) than this run's: checkpoint {recorded[:2]}, this run "
+                f"{[rule.to_dict() for rule in self.adapter_rules][:2]}"
+            )
         check_expert_references(
             dict(adapted_layers(self.model)), checkpoint.get("expert_sha256", {}), "checkpoint"
         )

@@ -97,6 +97,32 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, monkeypatch, resume_
     )
 
 
+DATA_INIT_RULES = (
+    "--model.init_args.adapters=["
+    "{targets: [self_attn.q_proj, self_attn.o_proj], adapter: {kind: lora, rank: 4, init: eva, eva_tau: 0.5, init_batches: 3}}, "
+    "{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, rank: 2, init: eva, init_batches: 3}}, "
+    "{targets: [mlp.down_proj], adapter: {kind: lora, rank: 4, init: lora_ga, init_batches: 2}}]"
+)
+
+
+def test_resume_with_data_driven_inits_continues_exactly(tmp_path, monkeypatch):
+    """EVA (ranks redistributed), EVA experts and LoRA-GA: the resumed run recomputes the same
+    init from the same first batches, checks it against the checkpoint's rules, then continues."""
+    monkeypatch.chdir(tmp_path)
+    fit("straight", "--trainer.max_steps=6", EVERY_TWO_STEPS, DATA_INIT_RULES)
+    (checkpoint,) = (run_dir("straight") / "checkpoints").glob("*step=2.ckpt")
+    fit("resumed", "--trainer.max_steps=6", EVERY_TWO_STEPS, DATA_INIT_RULES, f"--ckpt_path={checkpoint}")
+    straight = load_file(run_dir("straight") / "adapter/adapter_model.safetensors")
+    resumed = load_file(run_dir("resumed") / "adapter/adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    ranks = {key: value.shape[0] for key, value in straight.items() if key.endswith("attn.q_proj.lora_A")}
+    ranks |= {key: value.shape[0] for key, value in straight.items() if key.endswith("attn.o_proj.lora_A")}
+    assert sum(ranks.values()) <= 4 * 4 and set(ranks.values()) != {4}  # redistributed (some may be dropped)
+    assert any(key.endswith("down_proj.pissa_A0") for key in straight)  # LoRA-GA's subtracted start
+
+
 def test_existing_adapter_export_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     export = [

@@ -294,6 +294,7 @@ TINY_OVERLAYS = [
     ("smoke/*", []),
     ("reasoning/*", ["reasoning"]),
     ("mixtures/*", ["reasoning"]),
+    ("inits/*", ["reasoning"]),
     ("multimodal/*", ["multimodal"]),
     ("judges/*", ["judges"]),
     ("diffusion/gate_concepts.yaml", ["diffusion", "diffusion_mix"]),

@@ -23,6 +23,7 @@ from .errors import AdapterCheckpointError, AdapterConfigError, AdapterError
 from .inject import (
     InjectionReport,
     adapted_layers,
+    describe_injection,
     end_task,
     inject,
     merge_adapters,

@@ -39,7 +39,7 @@ class CodyraConfig(LowRankConfig):
     and fresh ranks start for the next task.
 
     Args:
-        rank, alpha, dropout, use_rslora, init: As in LoraConfig ("pissa" is not supported).
+        rank, alpha, dropout, use_rslora, init: As in LoraConfig ("kaiming" or "gaussian").
         gate_init: Starting value of every rank's gate.
         num_tasks: Capacity: tasks whose merged ranks the layer can hold.
     """
@@ -52,7 +52,7 @@ class CodyraConfig(LowRankConfig):
         super().__post_init__()
         if self.num_tasks < 1:
             raise AdapterConfigError(f"num_tasks must be >= 1, got num_tasks={self.num_tasks}")
-        self.refuse_pissa("rank-gated LoRA adapters")
+        self.allow_inits("rank-gated LoRA adapters", "kaiming", "gaussian")
 
 
 @register_adapter

@@ -104,6 +104,15 @@ def inject(
     return InjectionReport({n: c.kind for n, c in plan.items()}, trainable, total, collector)
 
 
+def describe_injection(model: nn.Module, collector: RoutingCollector) -> InjectionReport:
+    """The report of a model's adapters as they are now (after a data-driven init resized some)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return InjectionReport(
+        {n: layer.config.kind for n, layer in adapted_layers(model)}, trainable, total, collector
+    )
+
+
 def prepare_kinds(layers: dict[str, AdaptedLinear]) -> None:
     """Each kind's `prepare`, once, with every new layer (kinds that share one, like the two LoRA
     mixtures, read their shared expert folders once for all their layers)."""

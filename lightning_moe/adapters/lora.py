@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from .base import Adapter, AdapterConfig, register_adapter
 from .errors import AdapterConfigError
 
-LoraInit = Literal["kaiming", "gaussian", "pissa"]
+LoraInit = Literal["kaiming", "gaussian", "pissa", "eva", "lora_ga"]
 
 
 @dataclass
@@ -27,23 +27,29 @@ class LowRankConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: LoraInit = "kaiming"
+    init_batches: int = 8
+    eva_tau: float = 0.99
+    eva_whiten: bool = False
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise AdapterConfigError(f"rank must be a positive integer, got rank={self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterConfigError(f"dropout must be in [0, 1), got dropout={self.dropout}")
+        if self.init_batches < 1:
+            raise AdapterConfigError(f"init_batches must be >= 1, got init_batches={self.init_batches}")
+        if not 0.0 <= self.eva_tau <= 1.0:
+            raise AdapterConfigError(f"eva_tau is a cosine threshold in [0, 1], got eva_tau={self.eva_tau}")
 
     @property
     def scaling(self) -> float:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
-    def refuse_pissa(self, what: str) -> None:
-        """For kinds whose ranks are not one fixed principal part of W."""
-        if self.init == "pissa":
-            raise AdapterConfigError(
-                f"init='pissa' applies to plain LoRA; {what} use 'kaiming' or 'gaussian'"
-            )
+    def allow_inits(self, what: str, *inits: str) -> None:
+        """For kinds that take only some inits (e.g. PiSSA's fixed principal part fits plain LoRA only)."""
+        if self.init not in inits:
+            allowed = ", ".join(repr(init) for init in inits)
+            raise AdapterConfigError(f"init={self.init!r} does not apply to {what}; use one of {allowed}")
 
 
 @dataclass
@@ -55,12 +61,37 @@ class LoraConfig(LowRankConfig):
         alpha: Scaling numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA).
         dropout: Dropout on the adapter input during training.
         use_rslora: Rank-stabilised scaling alpha / sqrt(r).
-        init: "kaiming" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or
+        init: "kaiming" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
             "pissa" (A, B from the top-r singular vectors of W; the frozen W is not modified,
-            the initial principal part is subtracted instead so the start equals the base model).
+            the initial principal part is subtracted instead so the start equals the base model),
+            or the data-driven "eva" and "lora_ga", computed from the first training batches
+            before step 0 (see `data_init`).
+        init_batches: Batches the data-driven inits read at most (EVA stops earlier when every
+            layer has converged; LoRA-GA averages the gradient over all of them).
+        eva_tau: EVA's convergence threshold: the cosine between a layer's components after
+            successive batches.
+        eva_whiten: EVA: divide each direction by the square root of its singular value.
+        eva_rho: EVA's rank redistribution: a layer may take up to round(rank * eva_rho) ranks
+            while the total stays the sum of the rules' ranks (1: no redistribution); alpha
+            follows each new rank so the scaling stays that of `rank`.
+        lora_ga_gamma: LoRA-GA's stable-scale gamma: A and B times d_out^(1/4) / sqrt(gamma).
+        lora_ga_scale: "stable" (the paper's) or "peft" (peft's variant: B = U S times the
+            factor, A unscaled).
     """
 
     kind: ClassVar[str] = "lora"
+    eva_rho: float = 2.0
+    lora_ga_gamma: float = 16.0
+    lora_ga_scale: Literal["stable", "peft"] = "stable"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eva_rho < 1.0:
+            raise AdapterConfigError(
+                f"eva_rho must be >= 1 (1: no rank redistribution), got eva_rho={self.eva_rho}"
+            )
+        if self.lora_ga_gamma <= 0:
+            raise AdapterConfigError(f"lora_ga_gamma must be > 0, got lora_ga_gamma={self.lora_ga_gamma}")
 
 
 def kaiming_uniform_rows_(weight: Tensor) -> None:
@@ -98,7 +129,8 @@ class LoraAdapter(Adapter):
         self.lora_A = nn.Parameter(torch.empty(config.rank, base_layer.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, config.rank, **factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.has_pissa_offset = config.init == "pissa"
+        # PiSSA and LoRA-GA start from a non-zero product, kept and subtracted (named after PiSSA)
+        self.has_initial_offset = config.init in ("pissa", "lora_ga")
         self._initialize(config, weight)
 
     @property
@@ -107,19 +139,28 @@ class LoraAdapter(Adapter):
 
     @torch.no_grad()
     def _initialize(self, config: LoraConfig, base_weight: Tensor) -> None:
-        if config.init == "pissa":
-            a0, b0 = pissa_factors(base_weight, config.rank, self.scaling)
-            self.lora_A.copy_(a0)
-            self.lora_B.copy_(b0)
-            self.register_buffer("pissa_A0", a0.clone())
-            self.register_buffer("pissa_B0", b0.clone())
-            return
         zero_update_init_(self.lora_A, self.lora_B, config.init)
+        if self.has_initial_offset:
+            self.register_buffer("pissa_A0", torch.zeros_like(self.lora_A))
+            self.register_buffer("pissa_B0", torch.zeros_like(self.lora_B))
+        if config.init == "pissa":
+            self.set_initial_factors(*pissa_factors(base_weight, config.rank, self.scaling))
+
+    @torch.no_grad()
+    def set_initial_factors(self, lora_A: Tensor, lora_B: Tensor) -> None:
+        """Start from A, B (a non-zero product) while the update starts at exactly zero."""
+        for name, value in (("lora_A", lora_A), ("lora_B", lora_B)):
+            getattr(self, name).copy_(value)
+            getattr(self, name.replace("lora", "pissa") + "0").copy_(value)
+
+    def input_projection(self) -> Tensor:
+        """The factor EVA fills with input directions ([r, in]; B stays 0)."""
+        return self.lora_A
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.dtype)
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        if self.has_pissa_offset:
+        if self.has_initial_offset:
             delta = delta - F.linear(F.linear(x, self.pissa_A0), self.pissa_B0)
         return delta * self.scaling
 

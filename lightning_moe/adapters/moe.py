@@ -25,7 +25,9 @@ class MoEConfig(LowRankConfig):
         alpha: Scaling numerator, as in `LoraConfig`.
         dropout: Dropout on the expert input during training.
         use_rslora: Rank-stabilised scaling alpha / sqrt(r).
-        init: Expert init: "kaiming" or "gaussian" A, B = 0 ("pissa" is not defined for experts).
+        init: Expert init, B = 0: "kaiming" or "gaussian" A, or "eva": expert e's A is the e-th
+            slice of the top num_experts * rank directions of the layer's inputs (distinct
+            starting subspaces, from the first training batches; see `data_init`).
         num_experts: Number of LoRA experts E (stacked as A: [E, r, in], B: [E, out, r]).
         top_k: Experts per token. With top_k > 1 the chosen probabilities are renormalised.
         router_gradient: For top-1 only: "prob" scales the expert output by its probability
@@ -52,7 +54,7 @@ class MoEConfig(LowRankConfig):
             raise AdapterConfigError(
                 f"top_k must be between 1 and num_experts={self.num_experts}, got top_k={self.top_k}"
             )
-        self.refuse_pissa("MoE experts")
+        self.allow_inits("MoE experts", "kaiming", "gaussian", "eva")
         if self.jitter_noise < 0:
             raise AdapterConfigError(f"jitter_noise must be >= 0, got jitter_noise={self.jitter_noise}")
         if self.router_gradient == "straight_through" and self.top_k > 1:
@@ -138,6 +140,10 @@ class MoEAdapter(Adapter):
 
     def router_parameters(self) -> list[nn.Parameter]:
         return list(self.router.parameters())
+
+    def input_projection(self) -> Tensor:
+        """The experts' stacked A ([E, r, in]) that EVA fills, expert by expert."""
+        return self.experts.lora_A
 
     def build_router(self, base_layer: nn.Linear, config: MoEConfig, factory: dict) -> nn.Module:
         return TopKRouter(

@@ -37,7 +37,8 @@ class MoraConfig(LowRankConfig):
 
     Args:
         rank: New atoms per task.
-        alpha, dropout, use_rslora, init: As in LoraConfig ("pissa" is not supported);
+        alpha, dropout, use_rslora, init: As in LoraConfig: "kaiming", "gaussian" or "eva" (the
+            first task's atoms start on the top `rank` directions of the layer's inputs);
             scaling = alpha / rank.
         num_tasks: Capacity: tasks whose atoms the layer can hold.
         top_k: Atoms per token in training (the activation budget).
@@ -55,7 +56,7 @@ class MoraConfig(LowRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.refuse_pissa("rank experts")
+        self.allow_inits("rank experts", "kaiming", "gaussian", "eva")
         if self.num_tasks < 1 or not 1 <= self.top_k <= self.rank * self.num_tasks:
             raise AdapterConfigError(
                 f"need num_tasks >= 1 and 1 <= top_k <= rank * num_tasks, got num_tasks={self.num_tasks}, "
@@ -113,6 +114,10 @@ class MoraAdapter(Adapter):
             keep = probabilities >= self.config.eval_threshold
         kept = probabilities * keep
         return kept / kept.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def input_projection(self) -> Tensor:
+        """The current task's atoms' A ([rank, in]) that EVA fills with input directions."""
+        return self.lora_A
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))

@@ -1,0 +1,58 @@
+"""Incremental PCA of a stream of row batches (the SVD EVA takes of a layer's inputs).
+
+The data are centred on their running mean; each `partial_fit` takes the SVD of the current
+components (scaled by their singular values), the new centred batch and one row that corrects for
+the moved mean (Ross et al., 2008, as scikit-learn's IncrementalPCA does). Signs are fixed so the
+largest entry of each component is positive, so successive fits can be compared by cosine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class IncrementalSVD:
+    """The top `num_components` principal directions of every row seen so far.
+
+    After the first `partial_fit`: `components` [k, d] (unit rows, by decreasing variance),
+    `singular_values` [k], and `explained_variance_ratio` [k] (each direction's share of the
+    total variance of the centred data).
+    """
+
+    def __init__(self, num_components: int) -> None:
+        self.num_components = num_components
+        self.seen = 0
+        self.mean: Tensor | None = None
+        self.variance: Tensor | None = None  # per feature, of everything seen
+        self.components: Tensor | None = None
+        self.singular_values: Tensor | None = None
+        self.explained_variance_ratio: Tensor | None = None
+
+    @torch.no_grad()
+    def partial_fit(self, rows: Tensor) -> None:
+        rows = rows.double()
+        count = rows.shape[0]
+        batch_mean = rows.mean(0)
+        centred = rows - batch_mean
+        if self.seen == 0:
+            total = count
+            mean = batch_mean
+            variance = centred.square().mean(0)
+            stacked = centred
+        else:
+            total = self.seen + count
+            mean = self.mean + (batch_mean - self.mean) * (count / total)
+            # pooled variance of the two parts about the new mean (Chan et al.)
+            batch_variance = centred.square().mean(0)
+            shift = (batch_mean - self.mean).square() * (self.seen * count / total)
+            variance = (self.variance * self.seen + batch_variance * count + shift) / total
+            correction = ((self.seen / total) * count) ** 0.5 * (self.mean - batch_mean)
+            stacked = torch.cat([self.singular_values[:, None] * self.components, centred, correction[None]])
+        _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
+        biggest = vh.abs().argmax(dim=1)
+        vh = vh * vh.gather(1, biggest[:, None]).sign()
+        k = self.num_components
+        self.seen, self.mean, self.variance = total, mean, variance
+        self.components, self.singular_values = vh[:k], singular[:k]
+        self.explained_variance_ratio = singular[:k].square() / (variance.sum() * total)
