@@ -10,6 +10,7 @@ to another base; `export` writes the adapter folder.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from lightning_moe.adapters.adapter_folder import (
     write_adapter,
 )
 from lightning_moe.adapters.data_init import initialise_from_data, needs_data, resolved_rules
+from lightning_moe.adapters.dylora import sample_active_ranks
 from lightning_moe.adapters.files import write_folder_files
 from lightning_moe.adapters.lora_mixture import check_expert_references
 from lightning_moe.errors import UserInputError
@@ -173,6 +175,12 @@ class AdapterModule(TaskModule):
             summary = log_routing_statistics(self, routing_statistics(records, token_mask), "train")
             self.routing_summary = (self.global_step, summary)
         return terms, token_mask
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # DyLoRA: this step's rank, a function of the seed and the step (so resumes draw the same)
+        rank = sample_active_ranks(self.model, int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step)
+        if rank is not None:
+            self.log("train/dylora_rank", float(rank))
 
     # --- optimisation ---------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

@@ -1,5 +1,6 @@
 """The base LightningModule through real CLI runs: checkpoints, resume, logging, optimiser groups."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,26 @@ def train_losses(name: str) -> list[float]:
     """The training loss logged at every step of run `name`."""
     events = EventAccumulator(str(run_dir(name)), size_guidance={"scalars": 0}).Reload()
     return [event.value for event in events.Scalars("train/loss")]
+
+
+def test_dylora_sweeps_ranks_and_truncates_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = (
+        "--trainer.callbacks=[{class_path: lightning_moe.callbacks.ExportAdapter}, "
+        "{class_path: lightning_moe.nested_ranks.RankSweep, init_args: {max_batches: 1}}]"
+    )
+    rules = (
+        "--model.init_args.adapters=[{targets: [lm_head, mlp.down_proj], adapter: {kind: dylora, rank: 4}}]"
+    )
+    fit("dylora", "--trainer.max_steps=4", "--trainer.val_check_interval=4", sweep, rules)
+    directory = run_dir("dylora")
+    events = EventAccumulator(str(directory)).Reload()
+    curve = events.Scalars("dylora/val_loss_by_rank/step_4")
+    assert [event.step for event in curve] == [1, 2, 4]
+    assert all(math.isfinite(event.value) for event in curve)
+    assert {event.value for event in events.Scalars("train/dylora_rank")} <= {1.0, 2.0, 3.0, 4.0}
+    main(["truncate", str(directory / "adapter"), "--rank", "2", "--output", "r2"])
+    assert load_file("r2/adapter_model.safetensors")["lm_head.lora_A"].shape[0] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["truncate", str(directory / "adapter"), "--rank", "5", "--output", "r5"])
+    assert str(exit_info.value.code).startswith("error: rank 5 is outside the ranks 1..4")  # printed, exit 1
