@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_moe.errors import UserInputError
+from lightning_moe.lora_optimizers import low_rank_pairs
 from lightning_moe.non_finite import (
     check_finite_state,
     stop_on_non_finite_gradients,
@@ -156,6 +157,8 @@ class TaskModule(L.LightningModule):
             optimizer = self.optimizer_factory(groups)
         except (ValueError, TypeError) as error:  # e.g. torch's "Invalid learning rate: nan"
             raise UserInputError(f"the optimizer refuses its settings: {error}") from None
+        if hasattr(optimizer, "bind_low_rank_pairs"):  # LoRA-Pro, ALLoRA: which parameters pair up
+            optimizer.bind_low_rank_pairs(low_rank_pairs(self.model))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

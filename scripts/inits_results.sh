@@ -32,6 +32,9 @@ for seed in "${SEEDS[@]}"; do
     fit kaiming "$seed" $LORA
     for init in pissa eva lora_ga; do fit "$init" "$seed" $LORA --config configs/inits/$init.yaml; done
   fi
+  if wants optimisers; then  # AdamW is the kaiming run above
+    for optimiser in lora_pro allora; do fit "$optimiser" "$seed" $LORA --config configs/inits/$optimiser.yaml; done
+  fi
   if wants mole; then
     fit mole_kaiming "$seed" $MOLE
     fit mole_eva "$seed" $MOLE --config configs/inits/mole_eva.yaml

@@ -257,3 +257,29 @@ def test_dylora_sweeps_ranks_and_truncates_through_the_cli(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main(["truncate", str(directory / "adapter"), "--rank", "5", "--output", "r5"])
     assert str(exit_info.value.code).startswith("error: rank 5 is outside the ranks 1..4")  # printed, exit 1
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "--model.init_args.optimizer=lightning_moe.lora_optimizers.LoraPro",
+        "--model.init_args.optimizer={class_path: lightning_moe.lora_optimizers.ALLoRA, init_args: {lr: 0.01}}",
+    ],
+    ids=["lora_pro", "allora"],
+)
+def test_resume_with_lora_optimizers_continues_exactly(tmp_path, monkeypatch, optimizer):
+    """Their state (LoRA-Pro: full-size moments per layer and expert) goes through checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    rules = (
+        "--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, rank: 2, alpha: 2}}, "
+        "{targets: [lm_head], adapter: {kind: lora, rank: 4, alpha: 4}}]"
+    )
+    fit("straight", "--trainer.max_steps=6", EVERY_TWO_STEPS, rules, optimizer)
+    (checkpoint,) = (run_dir("straight") / "checkpoints").glob("*step=4.ckpt")
+    fit("resumed", "--trainer.max_steps=6", EVERY_TWO_STEPS, rules, optimizer, f"--ckpt_path={checkpoint}")
+    straight = load_file(run_dir("straight") / "adapter/adapter_model.safetensors")
+    resumed = load_file(run_dir("resumed") / "adapter/adapter_model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    state = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]["state"]
+    assert any(value["exp_avg"].shape == (2, 128, 64) for value in state.values()) == ("LoraPro" in optimizer)

@@ -89,6 +89,7 @@ class DyLoraAdapter(LoraAdapter):
     """A plain LoRA of rank r whose forward uses the first `active_rank` ranks (see the module docstring)."""
 
     config_class = DyLoraConfig
+    low_rank_factors = None  # its rank and scaling change every step: no fixed pair for LoRA-Pro
 
     def __init__(self, base_layer: nn.Linear, config: DyLoraConfig) -> None:
         super().__init__(base_layer, config)

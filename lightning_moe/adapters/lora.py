@@ -157,6 +157,10 @@ class LoraAdapter(Adapter):
         """The factor EVA fills with input directions ([r, in]; B stays 0)."""
         return self.lora_A
 
+    def low_rank_factors(self) -> tuple[nn.Parameter, nn.Parameter, float]:
+        """(A, B, scaling) for optimisers that treat the pair together (LoRA-Pro, ALLoRA)."""
+        return self.lora_A, self.lora_B, self.scaling
+
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.dtype)
         delta = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)

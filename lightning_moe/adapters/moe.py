@@ -145,6 +145,10 @@ class MoEAdapter(Adapter):
         """The experts' stacked A ([E, r, in]) that EVA fills, expert by expert."""
         return self.experts.lora_A
 
+    def low_rank_factors(self) -> tuple[nn.Parameter, nn.Parameter, float]:
+        """The stacked (A, B, scaling): each expert is its own pair for LoRA-Pro and ALLoRA."""
+        return self.experts.lora_A, self.experts.lora_B, self.experts.scaling
+
     def build_router(self, base_layer: nn.Linear, config: MoEConfig, factory: dict) -> nn.Module:
         return TopKRouter(
             base_layer.in_features,
