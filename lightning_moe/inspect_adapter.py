@@ -6,6 +6,7 @@ folders a mixture references with their recorded and current hashes. `--base CON
 base model of a fit config (the run's own `config.yaml` by default) and checks the fingerprint
 against it; `--data` then also routes a few batches of that config's validation data through
 the adapted model and reports per-layer routing statistics. `--json` prints the same as JSON.
+`inspect intruders ADAPTER_DIR` counts intruder dimensions instead (lightning_moe/intruders.py).
 """
 
 from __future__ import annotations
@@ -217,7 +218,11 @@ def _print_routing(routing: dict[str, Any], console: Console) -> None:
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """describe a saved adapter folder: rules, layers, parameters, base fingerprint, experts; --data adds routing"""
+    """describe a saved adapter folder: rules, layers, parameters, fingerprint, experts (--data: routing; `inspect intruders`: intruder dimensions)"""
+    if args and args[0] == "intruders":
+        from lightning_moe.intruders import main as intruders
+
+        return intruders(args[1:])
     parser = ArgumentParser(prog="python -m lightning_moe inspect", description=__doc__)
     parser.add_argument(
         "adapter_dir", type=str, help="A saved adapter folder (adapter_config.json + weights)."

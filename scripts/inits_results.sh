@@ -40,4 +40,21 @@ for seed in "${SEEDS[@]}"; do
     fit mole_eva "$seed" $MOLE --config configs/inits/mole_eva.yaml
   fi
 done
+if wants dylora; then  # one DyLoRA training against LoRAs trained at each rank alone (seed 0)
+  fit dylora 0 $LORA --config configs/inits/dylora.yaml
+  for rank in 1 2 4 8; do
+    timed "dylora-r$rank-truncate" $PY -m lightning_moe truncate $OUT/dylora/s0/adapter --rank $rank --output $OUT/dylora_r$rank
+    timed "dylora-r$rank-validate" $PY -m lightning_moe validate $LORA --model.init_args.adapter_path=$OUT/dylora_r$rank \
+      --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name=dylora_at_rank --trainer.logger.init_args.version=r$rank
+    [ $rank = 8 ] || fit "lora_r$rank" 0 $LORA "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], adapter: {kind: lora, rank: $rank, alpha: $((2 * rank))}}]"
+  done
+fi
+if wants intruders; then  # LoRA r8 is the kaiming run (seed 0)
+  fit rslora_r64 0 $LORA --config configs/inits/rslora_r64.yaml
+  fit full_finetune 0 $LORA --config configs/inits/full_finetune.yaml
+  for run in kaiming rslora_r64 full_finetune; do
+    timed "intruders-$run" $PY -m lightning_moe inspect intruders $OUT/$run/s0/adapter --output $OUT/intruders_$run.md \
+      --logdir $OUT/intruders/$run
+  done
+fi
 $PY scripts/inits_table.py $OUT

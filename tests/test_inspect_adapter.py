@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from lightning_moe.adapters import AdapterRule, XLoraConfig, inject, save_adapter
 from lightning_moe.cli import main
+from lightning_moe.intruders import intruder_count
 from lightning_moe.tasks.reasoning import build_causal_lm
 from tests.tiny import LLAMA_LINEARS, REPO, TINY_REASONING_LLAMA, write_tiny_experts
 
@@ -100,3 +101,38 @@ def test_inspect_of_a_folder_that_is_not_an_adapter_is_one_error(tmp_path):
     with pytest.raises(SystemExit) as stopped:
         main(["inspect", str(tmp_path)])
     assert str(stopped.value.code).startswith("error: ") and str(tmp_path) in str(stopped.value.code)
+
+
+def test_intruder_count_on_hand_built_spectra():
+    weight = torch.diag(torch.arange(8.0, 0.0, -1.0))  # left singular vectors: the axes
+    spread = torch.full((8, 1), 8**-0.5)  # |cos| 0.35 with every axis
+    assert intruder_count(weight, torch.zeros(8, 8), top_k=3) == 0
+    assert intruder_count(weight, 20 * spread @ spread.T, top_k=3) == 1
+    assert intruder_count(weight, 20 * spread @ spread.T, top_k=3, epsilon=0.3) == 0
+    axis = torch.zeros(8, 1)
+    axis[5] = 1.0  # a boosted base direction is no intruder
+    assert intruder_count(weight, 30 * axis @ axis.T, top_k=3) == 0
+
+
+def test_inspect_intruders_reports_every_layer_and_expert(smoke_run, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = main(
+        [
+            "inspect",
+            "intruders",
+            str(smoke_run / "adapter"),
+            "--top_k=4",
+            f"--output={tmp_path / 'r.md'}",
+            f"--logdir={tmp_path / 'tb'}",
+        ]
+    )
+    table = result["table"]
+    assert set(table["model.layers.0.mlp.up_proj"]) == {f"expert {e}" for e in range(4)}
+    assert set(table["lm_head"]) == {"update"}
+    assert all(0 <= count <= 4 for row in table.values() for count in row.values())
+    report = (tmp_path / "r.md").read_text()
+    assert "| layer | update | expert 0 |" in report and "lm_head" in report
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    assert "intruders/count" in events.Tags()["histograms"]
+    assert "intruders/layers_by_expert" in events.Tags()["images"]

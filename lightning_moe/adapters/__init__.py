@@ -13,6 +13,7 @@ from .meteora import MeteoraAdapter, MeteoraConfig
 from .codyra import CodyraAdapter, CodyraConfig, soft_threshold_rank_gates
 from .mora import MoraAdapter, MoraConfig
 from .dylora import DyLoraAdapter, DyLoraConfig
+from .dense import DenseAdapter, DenseConfig
 
 # the protocol, injection and routing
 from .adapter_folder import load_adapter, load_adapter_weights, read_adapter_config, save_adapter
