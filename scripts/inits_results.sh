@@ -46,7 +46,7 @@ if wants dylora; then  # one DyLoRA training against LoRAs trained at each rank 
     timed "dylora-r$rank-truncate" $PY -m lightning_moe truncate $OUT/dylora/s0/adapter --rank $rank --output $OUT/dylora_r$rank
     timed "dylora-r$rank-validate" $PY -m lightning_moe validate $LORA --model.init_args.adapter_path=$OUT/dylora_r$rank \
       --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name=dylora_at_rank --trainer.logger.init_args.version=r$rank
-    [ $rank = 8 ] || fit "lora_r$rank" 0 $LORA "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], adapter: {kind: lora, rank: $rank, alpha: $((2 * rank))}}]"
+    [ $rank = 8 ] || fit "lora_r$rank" 0 $LORA "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], adapter: {kind: lora, rank: $rank, alpha: 16}}]"
   done
 fi
 if wants intruders; then  # LoRA r8 is the kaiming run (seed 0)
