@@ -4,6 +4,10 @@ The data are centred on their running mean; each `partial_fit` takes the SVD of 
 components (scaled by their singular values), the new centred batch and one row that corrects for
 the moved mean (Ross et al., 2008, as scikit-learn's IncrementalPCA does). Signs are fixed so the
 largest entry of each component is positive, so successive fits can be compared by cosine.
+Each step's SVD is randomised (`torch.svd_lowrank` in float32, 2k columns, 4 power iterations, a
+fixed seed outside the global RNG), as peft's EVA does: 6-13x faster than the full SVD of 500 tokens of
+576-1536 features, and equal to it in the top components where their singular values are apart.
+`exact=True` takes the full SVD.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ class IncrementalSVD:
     total variance of the centred data).
     """
 
-    def __init__(self, num_components: int) -> None:
+    def __init__(self, num_components: int, exact: bool = False) -> None:
         self.num_components = num_components
+        self.exact = exact
         self.seen = 0
         self.mean: Tensor | None = None
         self.variance: Tensor | None = None  # per feature, of everything seen
@@ -49,10 +54,20 @@ class IncrementalSVD:
             variance = (self.variance * self.seen + batch_variance * count + shift) / total
             correction = ((self.seen / total) * count) ** 0.5 * (self.mean - batch_mean)
             stacked = torch.cat([self.singular_values[:, None] * self.components, centred, correction[None]])
-        _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
+        singular, vh = self._svd(stacked)
         biggest = vh.abs().argmax(dim=1)
         vh = vh * vh.gather(1, biggest[:, None]).sign()
         k = self.num_components
         self.seen, self.mean, self.variance = total, mean, variance
         self.components, self.singular_values = vh[:k], singular[:k]
         self.explained_variance_ratio = singular[:k].square() / (variance.sum() * total)
+
+    def _svd(self, stacked: Tensor) -> tuple[Tensor, Tensor]:
+        columns = 2 * self.num_components
+        if self.exact or columns >= min(stacked.shape):
+            _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
+            return singular, vh
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _, singular, v = torch.svd_lowrank(stacked.float(), q=columns, niter=4)
+        return singular.double(), v.mT.double()

@@ -1,11 +1,19 @@
 """Data-driven inits (EVA, LoRA-GA) against peft's and against their formulas, on a tiny Llama."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
-from lightning_moe.adapters import AdapterConfigError, AdapterRule, adapted_layers, config_from_dict, inject
+from lightning_moe.adapters import (
+    AdapterConfigError,
+    AdapterRule,
+    adapted_layers,
+    config_from_dict,
+    data_init,
+    inject,
+)
 from lightning_moe.adapters.adapter_folder import load_adapter, save_adapter
 from lightning_moe.adapters.data_init import initialise_from_data, resolved_rules
 from lightning_moe.adapters.incremental_svd import IncrementalSVD
@@ -40,22 +48,23 @@ def test_incremental_svd_equals_the_pca_of_all_rows():
     generator = torch.Generator().manual_seed(0)
     mix = torch.randn(5, 12, generator=generator, dtype=torch.float64)
     rows = torch.randn(300, 5, generator=generator, dtype=torch.float64) @ mix + 3.0
-    svd = IncrementalSVD(5)
-    for chunk in rows.split(40):
-        svd.partial_fit(chunk)
     centred = rows - rows.mean(0)
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    assert torch.allclose(
-        subspace_cosines(svd.components, vh[:5]), torch.ones(5, dtype=torch.float64), atol=1e-10
-    )
-    assert torch.allclose(svd.singular_values, singular[:5], rtol=1e-10)
     ratio = singular[:5].square() / centred.square().sum()
-    assert torch.allclose(svd.explained_variance_ratio, ratio, rtol=1e-10)
+    for exact, tolerance in ((True, 1e-10), (False, 1e-5)):  # the randomised default, in float32
+        svd = IncrementalSVD(5, exact=exact)
+        for chunk in rows.split(40):
+            svd.partial_fit(chunk)
+        cosines = subspace_cosines(svd.components, vh[:5])
+        assert torch.allclose(cosines, torch.ones(5, dtype=torch.float64), atol=tolerance)
+        assert torch.allclose(svd.singular_values, singular[:5], rtol=tolerance)
+        assert torch.allclose(svd.explained_variance_ratio, ratio, rtol=tolerance)
 
 
 def test_eva_gives_peft_ranks_and_subspaces(make_llama, monkeypatch):
-    """Same batches, same tau: peft's rank pattern and directions. peft's randomised SVD
-    (svd_lowrank) is swapped for its own exact option, so only the algorithms are compared."""
+    """Same batches, same tau: peft's rank pattern and directions. Both sides' randomised SVDs
+    (svd_lowrank, differently seeded) are swapped for their exact options, so the algorithms are
+    compared, not two random draws."""
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
     from peft.tuners.lora import EvaConfig, eva
@@ -65,6 +74,7 @@ def test_eva_gives_peft_ranks_and_subspaces(make_llama, monkeypatch):
             super().__init__(*args, **(kwargs | {"lowrank": False}))
 
     monkeypatch.setattr(eva, "IncrementalPCA", ExactPCA)
+    monkeypatch.setattr(data_init, "IncrementalSVD", functools.partial(IncrementalSVD, exact=True))
     batches = token_batches(24)
     base = make_llama()
     ours = copy.deepcopy(base)
