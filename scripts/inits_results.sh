@@ -20,8 +20,7 @@ MOLE="--config configs/reasoning/mole_smollm2.yaml --config configs/reasoning/de
 fit() {
   local name=$1 seed=$2
   shift 2
-  # shellcheck disable=SC2068
-  timed "$name-s$seed" $PY -m lightning_moe fit $@ --seed_everything="$seed" \
+  timed "$name-s$seed" $PY -m lightning_moe fit "$@" --seed_everything="$seed" \
     --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="$name" \
     --trainer.logger.init_args.version="s$seed"
 }
@@ -46,7 +45,8 @@ if wants dylora; then  # one DyLoRA training against LoRAs trained at each rank 
     timed "dylora-r$rank-truncate" $PY -m lightning_moe truncate $OUT/dylora/s0/adapter --rank $rank --output $OUT/dylora_r$rank
     timed "dylora-r$rank-validate" $PY -m lightning_moe validate $LORA --model.init_args.adapter_path=$OUT/dylora_r$rank \
       --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name=dylora_at_rank --trainer.logger.init_args.version=r$rank
-    [ $rank = 8 ] || fit "lora_r$rank" 0 $LORA "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], adapter: {kind: lora, rank: $rank, alpha: 16}}]"
+    [ $rank = 2 ] || [ $rank = 4 ] || continue  # trained alone: ranks 2 and 4 (8 is the kaiming run)
+    fit "lora_r$rank" 0 $LORA "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], adapter: {kind: lora, rank: $rank, alpha: 16}}]"
   done
 fi
 if wants intruders; then  # LoRA r8 is the kaiming run (seed 0)

@@ -95,3 +95,35 @@ def test_the_terminal_bar_names_the_step_limit():
     assert bar._get_train_description(0) == "Training, step limit 40"
     bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
+
+
+@pytest.mark.parametrize(
+    ("adapters", "code", "message"),
+    [
+        (
+            "[{targets: [mlp.up_proj], adapter: {kind: codyra, init: lora_ga}}]",
+            1,  # a value the kind refuses (exit 2 is for what does not parse)
+            "error: adapter rule for ['mlp.up_proj']: init='lora_ga' does not apply to rank-gated LoRA adapters",
+        ),
+        (
+            "[{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 4, rank: 20, init: eva}}]",
+            1,
+            "error: init 'eva': layer 'model.layers.0.mlp.up_proj' would take 80 directions of its 64-dim inputs; "
+            "the rank budget cannot be met",
+        ),
+        (
+            "[{targets: [self_attn.k_proj], adapter: {kind: lora, rank: 24, init: lora_ga}}]",
+            1,
+            "error: init 'lora_ga' takes 2 * rank = 48 singular vectors of a [32, 64] gradient; "
+            "the rank budget cannot be met, use rank <= 16",
+        ),
+    ],
+    ids=["init the kind cannot use", "eva beyond the input width", "lora_ga beyond the rank"],
+)
+def test_data_driven_init_errors_are_one_line_before_training(
+    tmp_path, monkeypatch, capsys, adapters, code, message
+):
+    monkeypatch.chdir(tmp_path)
+    exit_code, line = smoke_fit_error(adapters, capsys)
+    assert exit_code == code and line.startswith(message)
+    assert not Path("runs").exists() or not any(Path("runs").rglob("*.ckpt"))  # nothing trained

@@ -142,8 +142,15 @@ def eva_init(
 
 
 def _eva(model, layers, batches, forward):
-    groups = _input_groups(layers, batches[0], forward)
     needs = {name: max_eva_rank(layer.config) for name, layer in layers.items()}
+    for name, need in needs.items():
+        width = layers[name].in_features
+        if need > width:
+            raise AdapterConfigError(
+                f"init 'eva': layer {name!r} would take {need} directions of its {width}-dim inputs; "
+                f"the rank budget cannot be met (rank * eva_rho, times num_experts, must be <= {width})"
+            )
+    groups = _input_groups(layers, batches[0], forward)
     # plain LoRA layers compete for the rank budget; experts keep E * r directions each
     flexible = {name for name, layer in layers.items() if isinstance(layer.adapter, LoraAdapter)}
     budget = sum(_eva_budget(layers[name]) for name in flexible)
