@@ -158,8 +158,10 @@ class LoraPro(_LowRankAdamW):
         gA, gB = _whole(pair.lora_A.grad, dtype), _whole(pair.lora_B.grad, dtype)
         s = pair.scaling
         equivalent = equivalent_gradient(A, B, gA, gB, s)
-        # the moments live under lora_A's state (one [..., out, in] pair per layer)
+        # the moments live under lora_A's state (one [..., out, in] pair per layer); lora_B's state
+        # keeps the step, so every trained parameter has state (sharded checkpoints expect it)
         direction = self._adam_direction(pair.lora_A, equivalent, group)
+        self.state[pair.lora_B]["step"] = self.state[pair.lora_A]["step"]
         new_gA, new_gB = adjusted_gradients(A, B, s * B.mT @ direction, s * direction @ A.mT, s)
         _apply(pair.lora_A, new_gA, group["lr"], group["weight_decay"])
         _apply(pair.lora_B, new_gB, group["lr"], group["weight_decay"])

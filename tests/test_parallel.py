@@ -210,3 +210,20 @@ def test_transformer_blocks_come_inside_out(tiny_llama_config):
         inner = {id(m) for m in block.modules() if m is not block}
         assert not any(id(other) in inner for other in blocks[index + 1 :])
     assert any(type(b).__name__ == "BasicTransformerBlock" for b in blocks)
+
+
+@pytest.mark.slow
+def test_lora_pro_shards_like_it_replicates_and_resumes_under_fsdp2(tmp_path):
+    """LoRA-Pro gathers each sharded pair, steps it whole and hands every shard its slice: FSDP2
+    equals DDP elementwise, and its sharded checkpoint (full-size moments) resumes exactly."""
+    optimizer = "--model.init_args.optimizer=lightning_moe.lora_optimizers.LoraPro"
+    sharded = fit_two_processes(tmp_path / "fsdp2", "fsdp2", optimizer)
+    replicated = fit_two_processes(tmp_path / "ddp", "ddp", optimizer)
+    checkpoint = sharded / "checkpoints" / f"epoch=0-step={EVERY}.ckpt"
+    resumed = fit_two_processes(tmp_path / "resumed", "fsdp2", optimizer, f"--ckpt_path={checkpoint}")
+    expected = read_safetensors(sharded / "adapter/adapter_model.safetensors")
+    for other in (replicated, resumed):
+        got = read_safetensors(other / "adapter/adapter_model.safetensors")
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert_same_maths(got[key], expected[key], msg=key)
