@@ -101,33 +101,42 @@ def initialise_from_data(model: nn.Module, batches: Iterable, forward: Forward) 
 
 
 # --- EVA -----------------------------------------------------------------------------------------
-def _input_groups(layers: dict[str, AdaptedLinear], batch: Any, forward: Forward) -> list[list[str]]:
-    """Layers that see the same input tensor (q/k/v, gate/up) share one SVD, as in peft. The
-    inputs are held until the end, so no address is reused by a later layer's input."""
-    seen: dict[tuple, tuple[Tensor, list[str]]] = {}
+def _inputs_of(
+    layers: dict[str, AdaptedLinear], batch: Any, forward: Forward
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """One no-grad forward of `batch`: each layer's input tensor (held, so no later input can
+    reuse its memory) and the task's token mask."""
+    inputs: dict[str, Tensor] = {}
 
     def hook(name):
         def record(module, args):
-            x = args[0]
-            seen.setdefault((x.data_ptr(), tuple(x.shape)), (x, []))[1].append(name)
+            inputs[name] = args[0].detach()
 
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad():
-            forward(batch)
+            _, token_mask = forward(batch)
     finally:
         for handle in handles:
             handle.remove()
-    order = list(layers)
-    groups = [sorted(names, key=order.index) for _, names in seen.values()]
-    missing = [name for name in layers if not any(name in group for group in groups)]
+    missing = [name for name in layers if name not in inputs]
     if missing:
         raise AdapterConfigError(
             f"init 'eva': layer {missing[0]!r} was not called by the model's forward pass"
         )
-    return sorted(groups, key=lambda group: order.index(group[0]))
+    return inputs, token_mask
+
+
+def _input_groups(layers: dict[str, AdaptedLinear], batch: Any, forward: Forward) -> list[list[str]]:
+    """Layers that see the same input tensor (q/k/v, gate/up) share one SVD, as in peft."""
+    inputs, _ = _inputs_of(layers, batch, forward)
+    groups: dict[tuple, list[str]] = {}
+    for name in layers:  # in module order: a group's first layer holds its SVD (as in peft)
+        x = inputs[name]
+        groups.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
+    return list(groups.values())
 
 
 def eva_init(
@@ -205,23 +214,9 @@ def _eva_budget(layer: AdaptedLinear) -> int:
 
 def _layer_inputs(layers: dict[str, AdaptedLinear], batch: Any, forward: Forward) -> dict[str, Tensor]:
     """The rows each layer received for `batch`, without the tokens the task's mask drops."""
-    stash: dict[str, Tensor] = {}
-
-    def hook(name):
-        def record(module, args):
-            stash[name] = args[0].detach()
-
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            _, token_mask = forward(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    inputs, token_mask = _inputs_of(layers, batch, forward)
     rows = {}
-    for name, x in stash.items():
+    for name, x in inputs.items():
         if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
             x = x[token_mask.bool()]
         rows[name] = x.reshape(-1, x.shape[-1]).float()
