@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import ActionYesNo, ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
+from lightning_moe.adapted_task import adapted_task
 from lightning_moe.adapters.adapter_folder import (
     WEIGHTS_FILE,
     folder_sha256,
@@ -105,30 +105,6 @@ def _experts(options: dict[str, Any]) -> list[dict[str, Any]]:
             {"index": index, "path": path, "recorded_sha256": expected, "sha256": current, "status": status}
         )
     return experts
-
-
-def adapted_task(folder: Path, configs: list[str]):
-    """The task and data module of a fit config, the task built with the adapter in `folder`
-    (building checks the base fingerprint: a different base is an error)."""
-    from lightning_moe.cli import main as cli_main  # the CLI imports the command registry, not this
-
-    arguments = []
-    for config in configs:
-        settings = yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None
-        if not isinstance(settings, dict):
-            raise UserInputError(f"--base {config}: expected a fit config file (YAML mapping)")
-        # a run's saved config.yaml also holds fit's own arguments (ckpt_path, ...): not needed to build
-        built = {
-            key: settings[key] for key in ("seed_everything", "trainer", "model", "data") if key in settings
-        }
-        arguments += ["--config", yaml.safe_dump(built)]
-    arguments += [f"--model.init_args.adapter_path={folder}", "--trainer.logger=false"]
-    cli = cli_main(arguments, run=False)
-    task = cli.model
-    if not hasattr(task, "adapter_path"):
-        raise UserInputError(f"the model of {configs[-1]} ({type(task).__name__}) takes no adapters")
-    task.configure_model()
-    return task, cli.datamodule
 
 
 @torch.no_grad()

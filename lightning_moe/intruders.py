@@ -19,6 +19,7 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
+from lightning_moe.adapted_task import adapted_task
 from lightning_moe.adapters import adapted_layers
 from lightning_moe.adapters.moe import ExpertBank
 from lightning_moe.errors import UserInputError
@@ -96,8 +97,6 @@ def log_to_tensorboard(table: dict[str, dict[str, int]], logdir: str, markdown: 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """count intruder dimensions of a trained adapter's layers and experts against its base"""
-    from lightning_moe.inspect_adapter import adapted_task
-
     parser = ArgumentParser(prog="python -m lightning_moe inspect intruders", description=__doc__)
     parser.add_argument("adapter_dir", type=str, help="A saved adapter folder.")
     parser.add_argument(
