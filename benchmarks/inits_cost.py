@@ -8,7 +8,9 @@
    converge, cycling the batches; ours reads at most `init_batches` (here 8), so both get tau = 0.9
    and the batches each used are reported.
 2. One training step (forward, backward, optimiser step) of plain LoRA r8 with AdamW, LoRA-Pro
-   and ALLoRA, interleaved rounds, and the bytes of each optimiser's state after the step.
+   and ALLoRA at the learning rates of configs/inits/ (LoRA-Pro also at AdamW's 1e-3),
+   interleaved rounds; the bytes of each optimiser's state; and how far the first two steps move
+   the weights (the Frobenius norm of s B A over all layers), since LoRA-Pro steps in W's space.
 """
 
 from __future__ import annotations
@@ -94,15 +96,33 @@ def peft_init(init: str, data: list) -> tuple[float, str]:
     return seconds(run), f"{len(data)} batches"
 
 
-def optimiser_steps(data: list, rounds: int, warmup: int) -> tuple[dict, dict[str, str]]:
+def weight_change(model) -> float:
+    """The Frobenius norm of the update s B A over all adapted layers (how far W has moved)."""
+    from lightning_moe.adapters import adapted_layers
+
+    return (
+        sum(float(layer.adapter.delta_weight().double().square().sum()) for _, layer in adapted_layers(model))
+        ** 0.5
+    )
+
+
+OPTIMISERS = (
+    ("AdamW", torch.optim.AdamW, 1e-3),
+    ("LoRA-Pro", LoraPro, 2e-4),
+    ("LoRA-Pro lr 1e-3", LoraPro, 1e-3),
+    ("ALLoRA", ALLoRA, 1e-3),
+)
+
+
+def optimiser_steps(data: list, rounds: int, warmup: int) -> tuple[dict, dict[str, dict[str, str]]]:
     base = base_model()
-    steps, memory = {}, {}
-    for name, factory in (("AdamW", torch.optim.AdamW), ("LoRA-Pro", LoraPro), ("ALLoRA", ALLoRA)):
+    steps, optimizers, memory, moved = {}, {}, {}, {}
+    for name, factory, lr in OPTIMISERS:
         model = copy.deepcopy(base)
         alpha = RANK if name == "ALLoRA" else ALPHA  # ALLoRA: scaling 1
         inject(model, [AdapterRule(targets=LINEARS, adapter=LoraConfig(rank=RANK, alpha=alpha))])
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = factory(parameters, lr=1e-4, weight_decay=0.0)
+        optimizer = factory(parameters, lr=lr, weight_decay=0.0)
         if hasattr(optimizer, "bind_low_rank_pairs"):
             optimizer.bind_low_rank_pairs(low_rank_pairs(model))
 
@@ -111,10 +131,12 @@ def optimiser_steps(data: list, rounds: int, warmup: int) -> tuple[dict, dict[st
             model(**data[0]).loss.backward()
             optimizer.step()
 
-        steps[name] = step
+        for _ in range(2):  # B = 0 at the start, so the second step is the first that moves A too
+            step()
+        moved[name] = f"{weight_change(model):.3g}"
+        steps[name], optimizers[name] = step, optimizer
     times = measure(steps, rounds, warmup)
-    for name, step in steps.items():
-        optimizer = step.__defaults__[1]
+    for name, optimizer in optimizers.items():
         state = sum(
             t.numel() * t.element_size()
             for s in optimizer.state.values()
@@ -122,7 +144,7 @@ def optimiser_steps(data: list, rounds: int, warmup: int) -> tuple[dict, dict[st
             if torch.is_tensor(t)
         )
         memory[name] = f"{state / 2**20:.1f}"
-    return times, {"optimiser state MiB": memory}
+    return times, {"optimiser state MiB": memory, "‖ΔW‖ after 2 steps": moved}
 
 
 def main() -> None:
