@@ -102,13 +102,15 @@ DATA_INIT_RULES = (
     "--model.init_args.adapters=["
     "{targets: [self_attn.q_proj, self_attn.o_proj], adapter: {kind: lora, rank: 4, init: eva, eva_tau: 0.5, init_batches: 3}}, "
     "{targets: [mlp.up_proj], adapter: {kind: moe, num_experts: 2, rank: 2, init: eva, init_batches: 3}}, "
-    "{targets: [mlp.down_proj], adapter: {kind: lora, rank: 4, init: lora_ga, init_batches: 2}}]"
+    "{targets: [mlp.down_proj], adapter: {kind: lora, rank: 4, init: lora_ga, init_batches: 2}}, "
+    "{targets: [lm_head], adapter: {kind: dylora, rank: 4}}]"
 )
 
 
-def test_resume_with_data_driven_inits_continues_exactly(tmp_path, monkeypatch):
+def test_resume_with_data_driven_inits_and_dylora_continues_exactly(tmp_path, monkeypatch):
     """EVA (ranks redistributed), EVA experts and LoRA-GA: the resumed run recomputes the same
-    init from the same first batches, checks it against the checkpoint's rules, then continues."""
+    init from the same first batches, checks it against the checkpoint's rules, then continues;
+    DyLoRA's per-step ranks come out the same too."""
     monkeypatch.chdir(tmp_path)
     fit("straight", "--trainer.max_steps=6", EVERY_TWO_STEPS, DATA_INIT_RULES)
     (checkpoint,) = (run_dir("straight") / "checkpoints").glob("*step=2.ckpt")

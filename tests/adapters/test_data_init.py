@@ -132,17 +132,25 @@ def test_eva_ranks_travel_with_the_folder_and_the_peft_export(make_llama, tmp_pa
     assert exported["rank_pattern"] == expected and expected
 
 
-def test_eva_gives_experts_distinct_slices_of_the_top_directions(make_llama):
+@pytest.mark.parametrize(
+    ("options", "projection"),
+    [
+        ({"kind": "moe", "rank": 2, "num_experts": 4}, lambda adapter: adapter.experts.lora_A),
+        ({"kind": "mora", "rank": 8, "top_k": 2}, lambda adapter: adapter.lora_A),
+    ],
+    ids=["moe experts", "mora atoms"],
+)
+def test_eva_gives_experts_distinct_slices_of_the_top_directions(make_llama, options, projection):
     model = make_llama()
-    options = {"kind": "moe", "rank": 2, "num_experts": 4, "init": "eva", "init_batches": 4, "eva_tau": 0.5}
+    options = options | {"init": "eva", "init_batches": 4, "eva_tau": 0.5}
     inject(model, [AdapterRule(targets=["mlp.up_proj"], adapter=options)])
     batches = token_batches(4)
     with torch.no_grad():
         before = model(**batches[0]).logits
     initialise_from_data(model, batches, loss_of(model))
     for _, layer in adapted_layers(model):
-        stacked = layer.adapter.experts.lora_A.detach().reshape(8, -1)
-        gram = stacked @ stacked.T  # 8 orthonormal directions: experts share none
+        stacked = projection(layer.adapter).detach().reshape(8, -1)
+        gram = stacked @ stacked.T  # 8 orthonormal directions: experts (atoms) share none
         assert torch.allclose(gram, torch.eye(8), atol=1e-5)
     with torch.no_grad():
         assert torch.equal(model(**batches[0]).logits, before)  # B = 0: the start is the base model
