@@ -137,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root
     print("## inits\n" + score_table(root, ["kaiming", "pissa", "eva", "lora_ga"]))
-    print("\n## optimisers\n" + score_table(root, ["kaiming", "lora_pro", "allora"]))
+    print("\n## optimisers\n" + score_table(root, ["kaiming", "lora_pro", "lora_pro_lr1e-3", "allora"]))
     print(
         "\n## MoLE experts\n"
         + score_table(
