@@ -5,7 +5,7 @@
 1. Init passes: seconds of our EVA and LoRA-GA against peft's (`initialize_lora_eva_weights`,
    `preprocess_loraga` + `get_peft_model`) on the same model and the same 8 batches of 4 x 64
    random tokens; rank 8 on every attention and MLP linear. peft's EVA runs until its layers
-   converge, cycling the batches; ours reads at most `init_batches` (here 8), so both get tau = 0.9
+   converge, cycling the batches; ours reads at most `init_batches` (here 8), so both get tau = 0.5
    and the batches each used are reported.
 2. One training step (forward, backward, optimiser step) of plain LoRA r8 with AdamW, LoRA-Pro
    and ALLoRA at the learning rates of configs/inits/ (LoRA-Pro also at AdamW's 1e-3),
@@ -47,7 +47,7 @@ def seconds(function) -> float:
 
 def ours_init(init: str, data: list) -> tuple[float, str]:
     model = base_model()
-    options = {"init": init, "init_batches": BATCHES} | ({"eva_tau": 0.9} if init == "eva" else {})
+    options = {"init": init, "init_batches": BATCHES} | ({"eva_tau": 0.5} if init == "eva" else {})
     inject(model, [AdapterRule(targets=LINEARS, adapter=LoraConfig(rank=RANK, alpha=ALPHA, **options))])
     report = {}
 
@@ -70,7 +70,7 @@ def peft_init(init: str, data: list) -> tuple[float, str]:
             lora_alpha=ALPHA,
             target_modules=LINEARS,
             init_lora_weights="eva",
-            eva_config=EvaConfig(tau=0.9),
+            eva_config=EvaConfig(tau=0.5),
         )
         peft_model = get_peft_model(model, config)
         used = []

@@ -5,7 +5,8 @@
 Each run's TensorBoard events give its last validation scores and its training-loss curve; seeds
 are averaged (mean ± half the range). MoLE runs add the router entropy at the last logged step
 and the experts' diversity (mean |cosine| between the flattened updates B_e A_e of the experts of
-each layer, over layers: 1 = identical experts, 0 = orthogonal). Intruder counts come from the
+each layer, over layers: 1 = identical experts, 0 = orthogonal; experts that never trained, B = 0,
+left out). Intruder counts come from the
 `inspect intruders` reports.
 """
 
@@ -72,6 +73,7 @@ def expert_similarity(run: Path, log: dict) -> float:
     for key, lora_A in weights.items():
         if key.endswith("experts.lora_A"):
             updates = (weights[key.replace("lora_A", "lora_B")] @ lora_A).flatten(1).double()
+            updates = updates[updates.norm(dim=1) > 0]  # an expert no token chose kept B = 0
             updates = updates / updates.norm(dim=1, keepdim=True)
             values += [
                 float((updates[i] @ updates[j]).abs()) for i, j in combinations(range(len(updates)), 2)
