@@ -222,6 +222,10 @@ class AdapterModule(TaskModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_fingerprints(self.base_prints, checkpoint.get("base_fingerprint", {}), "checkpoint")
+        check_expert_references(
+            dict(adapted_layers(self.model)), checkpoint.get("expert_sha256", {}), "checkpoint"
+        )
+        # after the base and expert checks, whose errors name the cause more precisely
         recorded = checkpoint.get("adapter_rules")
         if recorded is not None and recorded != [rule.to_dict() for rule in self.adapter_rules]:
             raise UserInputError(
@@ -229,6 +233,3 @@ class AdapterModule(TaskModule):
                 f"result) than this run's: checkpoint {recorded[:2]}, this run "
                 f"{[rule.to_dict() for rule in self.adapter_rules][:2]}"
             )
-        check_expert_references(
-            dict(adapted_layers(self.model)), checkpoint.get("expert_sha256", {}), "checkpoint"
-        )
