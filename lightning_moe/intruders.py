@@ -89,7 +89,7 @@ def log_to_tensorboard(table: dict[str, dict[str, int]], logdir: str, markdown: 
         [[row.get(column, np.nan) for column in columns] for row in table.values()], dtype=float
     )
     with SummaryWriter(logdir) as writer:
-        writer.add_histogram("intruders/count", np.nan_to_num(values[~np.isnan(values)]), 0)
+        writer.add_histogram("intruders/count", values[~np.isnan(values)], 0)
         figure = heatmap_figure(values, short_names(list(table)), columns, "intruder dimensions", "count")
         writer.add_figure("intruders/layers_by_expert", figure, 0)
         writer.add_text("intruders/report", markdown, 0)
