@@ -10,6 +10,7 @@ to another base; `export` writes the adapter folder.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, distributed, nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_moe.adapters import (
     AdapterConfigError,
@@ -46,6 +48,23 @@ from lightning_moe.parallel import full_tensor
 from lightning_moe.router_losses import RouterLoss, RouterLosses
 from lightning_moe.routing_logging import log_routing_statistics
 from lightning_moe.task import TaskModule
+
+
+def first_process_batches(loader: DataLoader) -> DataLoader:
+    """The loader as process 0 reads it. A data module's own loader gives each process its
+    share; a data-driven init must see the same batches everywhere."""
+    sampler = loader.sampler
+    if not isinstance(sampler, DistributedSampler) or sampler.rank == 0:
+        return loader
+    shared = copy.copy(sampler)
+    shared.rank = 0
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=shared,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+    )
 
 
 class AdapterModule(TaskModule):
@@ -108,7 +127,7 @@ class AdapterModule(TaskModule):
         processes hold identical adapters. A resumed run computes the same again, and the
         checkpoint's recorded rules confirm it (`on_load_checkpoint`) before its state loads.
         """
-        loader = (
+        loader = first_process_batches(
             self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.train_dataloader()
         )
         device = next(model.parameters()).device

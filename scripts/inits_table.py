@@ -100,35 +100,39 @@ def loss_figure(root: Path, names: list[str], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def last_scores(runs: list[Path]) -> list[str]:
+    """strict % and val loss over the seeds' runs, as two cells."""
+    logged = [scalars(run) for run in runs]
+    return [cell([log[m][-1][1] for log in logged if m in log], m != "val/loss") for m in METRICS[::2]]
+
+
 def dylora_table(root: Path) -> str:
     lines = [
-        "| rank | DyLoRA (one training), strict % | DyLoRA val loss | LoRA trained at that rank, strict % | its val loss |",
-        "|---|---|---|---|---|",
+        "| rank | seeds | DyLoRA (one training), strict % | DyLoRA val loss "
+        "| LoRA trained at that rank, strict % | its val loss |",
+        "|---|---|---|---|---|---|",
     ]
     for rank in (1, 2, 4, 8):
-        dy = root / "dylora_at_rank" / f"r{rank}"
-        dy_log = scalars(dy) if dy.is_dir() else {}
+        cut = runs_of(root, f"dylora_r{rank}")
         alone = runs_of(root, "kaiming" if rank == 8 else f"lora_r{rank}")
-        alone_log = scalars(alone[0]) if alone else {}
-        row = [str(rank)]
-        for log in (dy_log, alone_log):
-            row += [cell([log["val/strict_match"][-1][1]], True) if "val/strict_match" in log else "–"]
-            row += [cell([log["val/loss"][-1][1]], False) if "val/loss" in log else "–"]
-        lines.append("| " + " | ".join(row) + " |")
+        alone_cells = last_scores(alone) if rank > 1 else ["–", "–"]
+        lines.append("| " + " | ".join([str(rank), str(len(cut)), *last_scores(cut), *alone_cells]) + " |")
     return "\n".join(lines)
 
 
 def intruder_totals(root: Path) -> str:
-    lines = ["| variant | intruders in top 10 (ε = 0.5), all layers | layers with any |", "|---|---|---|"]
+    lines = [
+        "| variant | seed | intruders in top 10 (ε = 0.5), all layers | layers with any |",
+        "|---|---|---|---|",
+    ]
     for name in ("kaiming", "rslora_r64", "full_finetune"):
-        report = root / f"intruders_{name}.md"
-        if not report.is_file():
-            continue
-        text = report.read_text()
-        total = re.search(r": (\d+) in (\d+) updates", text)
-        rows = [line for line in text.splitlines() if line.startswith("| model.")]
-        with_any = sum(1 for line in rows if int(line.rstrip(" |").split("|")[-1]) > 0)
-        lines.append(f"| {name} | {total.group(1)} of {total.group(2)} layers | {with_any} |")
+        for report in sorted(root.glob(f"intruders_{name}-s*.md")):
+            text = report.read_text()
+            total = re.search(r": (\d+) in (\d+) updates", text)
+            rows = [line for line in text.splitlines() if line.startswith("| model.")]
+            with_any = sum(1 for line in rows if int(line.rstrip(" |").split("|")[-1]) > 0)
+            seed = report.stem.rsplit("-s", 1)[1]
+            lines.append(f"| {name} | {seed} | {total.group(1)} of {total.group(2)} layers | {with_any} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@
   rank experts take distinct starting subspaces: expert e (or atom i) gets the e-th slice of the
   top E * r directions.
 - `init: lora_ga` (Wang et al. 2024): the mean full-weight gradient of each target over
-  `init_batches` batches, G = U S V^T; A = V[:r]^T, B = U[:, r:2r], both times d_out^(1/4)/sqrt(gamma)
+  `init_batches` batches, G = U S V^T (randomised, as peft's); A = V[:r]^T, B = U[:, r:2r], both times d_out^(1/4)/sqrt(gamma)
   (the paper's stable scale; `lora_ga_scale: peft` takes peft's variant, B also times S[r:2r] and
   only B scaled). The initial product is kept and subtracted (`LoraAdapter.set_initial_factors`),
   so the start equals the base model exactly and adapter-only checkpoints stay valid.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AdapterConfigError
-from .incremental_svd import IncrementalSVD
+from .incremental_svd import IncrementalSVD, top_singular
 from .inject import adapted_layers
 from .layer import AdaptedLinear, build_adapter
 from .lora import LoraAdapter, LoraConfig
@@ -348,7 +348,7 @@ def lora_ga_factors(gradient: Tensor, config: LoraConfig) -> tuple[Tensor, Tenso
             f"init 'lora_ga' takes 2 * rank = {2 * rank} singular vectors of a {list(gradient.shape)} gradient; "
             f"the rank budget cannot be met, use rank <= {min(gradient.shape) // 2}"
         )
-    u, s, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
+    u, s, vh = top_singular(gradient, 2 * rank)
     lora_A, lora_B = vh[:rank], u[:, rank : 2 * rank]
     factor = gradient.shape[0] ** 0.25 / config.lora_ga_gamma**0.5
     if config.lora_ga_scale == "peft":

@@ -16,6 +16,21 @@ import torch
 from torch import Tensor
 
 
+def top_singular(matrix: Tensor, k: int, exact: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, Vh of `matrix` (float64), accurate in at least its top k singular triplets.
+
+    Randomised (2k columns, 4 power iterations, float32, seed 0 in a forked RNG) unless `exact`
+    or the matrix is too small for that to save anything; then the full SVD.
+    """
+    columns = 2 * k
+    if exact or columns >= min(matrix.shape):
+        return torch.linalg.svd(matrix.double(), full_matrices=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, singular, v = torch.svd_lowrank(matrix.float(), q=columns, niter=4)
+    return u.double(), singular.double(), v.mT.double()
+
+
 class IncrementalSVD:
     """The top `num_components` principal directions of every row seen so far.
 
@@ -54,20 +69,10 @@ class IncrementalSVD:
             variance = (self.variance * self.seen + batch_variance * count + shift) / total
             correction = ((self.seen / total) * count) ** 0.5 * (self.mean - batch_mean)
             stacked = torch.cat([self.singular_values[:, None] * self.components, centred, correction[None]])
-        singular, vh = self._svd(stacked)
+        _, singular, vh = top_singular(stacked, self.num_components, self.exact)
         biggest = vh.abs().argmax(dim=1)
         vh = vh * vh.gather(1, biggest[:, None]).sign()
         k = self.num_components
         self.seen, self.mean, self.variance = total, mean, variance
         self.components, self.singular_values = vh[:k], singular[:k]
         self.explained_variance_ratio = singular[:k].square() / (variance.sum() * total)
-
-    def _svd(self, stacked: Tensor) -> tuple[Tensor, Tensor]:
-        columns = 2 * self.num_components
-        if self.exact or columns >= min(stacked.shape):
-            _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
-            return singular, vh
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            _, singular, v = torch.svd_lowrank(stacked.float(), q=columns, niter=4)
-        return singular.double(), v.mT.double()
