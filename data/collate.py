@@ -16,8 +16,9 @@ IGNORE_INDEX = -100
 class PromptCompletion:
     """One tokenised example.
 
-    `domain` names its source task (for per-domain metrics); `prompt_text` and `reference` (the
-    expected answer) travel with evaluation batches for scoring and prediction files.
+    `domain` names its source task (for per-domain metrics); `prompt_text`, `reference` (the
+    expected answer) and `entry` (the generator's item, for its verifier) travel with evaluation
+    batches for scoring and prediction files.
     """
 
     prompt_ids: list[int]
@@ -25,6 +26,7 @@ class PromptCompletion:
     domain: str = ""
     prompt_text: str = ""
     reference: str = ""
+    entry: dict | None = None
 
 
 def pad_rows(
@@ -53,7 +55,7 @@ def collate_prompt_completion(
     lengths rounded up to `pad_to_multiple_of` if given.
 
     With `for_generation`, also the prompts alone, LEFT-padded as generation needs
-    (`prompt_ids`, `prompt_mask`), with their texts and reference answers.
+    (`prompt_ids`, `prompt_mask`), with their texts, reference answers and generator items.
     """
     sequences, labels = [], []
     for example in examples:
@@ -78,4 +80,5 @@ def collate_prompt_completion(
         )
         batch["prompt_text"] = [example.prompt_text for example in examples]
         batch["reference"] = [example.reference for example in examples]
+        batch["entry"] = [example.entry for example in examples]
     return batch

@@ -38,12 +38,14 @@ DEFAULT_INSTRUCTION = "Solve the problem step by step. End with a last line '###
 
 @dataclass(frozen=True)
 class MathProblem:
-    """A question, its solution (ending in `#### answer`), the bare answer and its source task."""
+    """A question, its solution (ending in `#### answer`), the bare answer and its source task;
+    `entry` is the reasoning-gym item it came from (what the task's verifier scores against)."""
 
     question: str
     solution: str
     answer: str
     domain: str = "math"
+    entry: dict | None = None
 
 
 def reasoning_gym_problems(task: str, size: int, seed: int, options: dict | None = None) -> list[MathProblem]:
@@ -75,7 +77,7 @@ def reasoning_gym_problems(task: str, size: int, seed: int, options: dict | None
     for item in dataset:
         answer = str(item["answer"])
         solution = item["metadata"].get("answer_cot") or ANSWER_MARKER + answer
-        problems.append(MathProblem(item["question"], solution, answer, task))
+        problems.append(MathProblem(item["question"], solution, answer, task, item))
     return problems
 
 
@@ -254,6 +256,7 @@ class MathDataModule(L.LightningDataModule):
             problem.domain,
             text,
             problem.answer,
+            problem.entry,
         )
 
     def _loader(self, split: str) -> DataLoader:

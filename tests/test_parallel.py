@@ -7,6 +7,8 @@ replicated, resumed vs straight) can be compared elementwise after all their Ada
 assert_same_maths); compiled vs eager is compared as trained runs (see TRAINED_STATE_RTOL)."""
 
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +229,96 @@ def test_lora_pro_shards_like_it_replicates_and_resumes_under_fsdp2(tmp_path):
         assert got.keys() == expected.keys()
         for key in expected:
             assert_same_maths(got[key], expected[key], msg=key)
+
+
+def fit_grpo_two_processes(folder: Path, strategy: str) -> Path:
+    """Two GRPO steps of the tiny RL config in float64 on two processes, with rewards a random
+    model can earn (tests.tiny.NumberRewardPrompts), exporting to folder/adapter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "trainer": {
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning_moe.callbacks.ExportAdapter",
+                    "init_args": {"dirpath": str(folder / "adapter")},
+                }
+            ],
+        },
+        "model": {
+            "init_args": {
+                "dtype": "float64",
+                "answer_extraction": "last_number",
+                "group_size": 4,
+                "beta": 0.1,
+            }
+        },
+        "data": {"class_path": "tests.tiny.NumberRewardPrompts", "init_args": {"batch_size": 2}},
+    }
+    (folder / "run.yaml").write_text(yaml.safe_dump(settings))
+    configs = [REPO / f"configs/_base/{strategy}.yaml", REPO / "configs/rl/grpo_smollm2.yaml",
+               REPO / "tests/configs/reasoning.yaml", REPO / "tests/configs/rl.yaml", folder / "run.yaml"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_moe",
+        "fit",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+    ]
+    for config in configs:
+        command += ["--config", str(config)]
+    environment = os.environ | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.slow
+def test_grpo_generates_with_sharded_weights_like_replicated_ones(tmp_path):
+    """GRPO under FSDP2 samples with sharded parameters (every process runs decode steps until all
+    have finished) and takes the same steps as under DDP, elementwise."""
+    sharded = read_safetensors(
+        fit_grpo_two_processes(tmp_path / "fsdp2", "fsdp2") / "adapter/adapter_model.safetensors"
+    )
+    replicated = read_safetensors(
+        fit_grpo_two_processes(tmp_path / "ddp", "ddp") / "adapter/adapter_model.safetensors"
+    )
+    assert sharded.keys() == replicated.keys()
+    for key in sharded:
+        assert_same_maths(sharded[key], replicated[key], msg=key)
+    assert any(value.abs().max() > 0 for key, value in sharded.items() if "lora_B" in key)  # it trained
+
+
+@pytest.mark.slow
+def test_eva_reads_the_same_batches_on_every_process(tmp_path):
+    """Each process's own loader holds its share of the data; EVA reads process 0's batches on
+    both, so both arrive at the same ranks (a difference would stop the run with an error)."""
+    rules = (
+        "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], "
+        "adapter: {kind: lora, rank: 4, init: eva, init_batches: 4, eva_tau: 0.9}}]"
+    )
+    folder = fit_two_processes(tmp_path / "ddp", "ddp", rules, "--trainer.max_steps=2")
+    recorded = json.loads((folder / "adapter/adapter_config.json").read_text())["rules"]
+    assert len({rule["adapter"]["rank"] for rule in recorded}) > 1  # EVA redistributed the ranks
+
+
+def test_a_data_driven_init_reads_what_process_zero_reads():
+    from torch.utils.data import DataLoader
+
+    from lightning_moe.data.sampling import EpochSeededSampler
+    from lightning_moe.module import first_process_batches
+
+    def batches(rank: int) -> list[list[int]]:
+        loader = DataLoader(
+            range(12), batch_size=3, sampler=EpochSeededSampler(12, num_replicas=2, rank=rank)
+        )
+        return [batch.tolist() for batch in first_process_batches(loader)]
+
+    assert batches(1) == batches(0)
+    plain = DataLoader(range(4), batch_size=2)
+    assert first_process_batches(plain) is plain

@@ -15,6 +15,8 @@ import torch
 import yaml
 from torch import nn
 
+from lightning_moe.data.verified_prompts import VerifiedPrompts
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIGS = REPO / "tests" / "configs"
 
@@ -295,6 +297,7 @@ TINY_OVERLAYS = [
     ("reasoning/*", ["reasoning"]),
     ("mixtures/*", ["reasoning"]),
     ("inits/*", ["reasoning"]),
+    ("rl/*", ["reasoning", "rl"]),
     ("multimodal/*", ["multimodal"]),
     ("judges/*", ["judges"]),
     ("diffusion/gate_concepts.yaml", ["diffusion", "diffusion_mix"]),
@@ -325,3 +328,20 @@ def tiny_run_arguments(config: Path, composed: list[Path] | None = None) -> list
         for name in ("shapes", "shades"):
             write_image_folder(name)
     return [overlay(name) for name in names]
+
+
+# --- rewards a tiny random model can earn --------------------------------------------------------
+def _number_reward(task: str, answer: str | None, entry: dict) -> float:
+    """1 for the reference answer, 0.5 for any other number, 0 for none."""
+    if answer is None:
+        return 0.0
+    return 1.0 if answer == entry["answer"] else 0.5
+
+
+class NumberRewardPrompts(VerifiedPrompts):
+    """`VerifiedPrompts` whose verifier pays 0.5 for any number (with `answer_extraction:
+    last_number`, the random bytes of a tiny model hold one now and then), so that groups differ
+    and GRPO has a signal; usable by class path from a subprocess (PYTHONPATH = the repo)."""
+
+    def verifier(self):
+        return _number_reward

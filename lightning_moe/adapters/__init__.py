@@ -25,6 +25,7 @@ from .errors import AdapterCheckpointError, AdapterConfigError, AdapterError
 from .inject import (
     InjectionReport,
     adapted_layers,
+    adapters_disabled,
     describe_injection,
     end_task,
     inject,

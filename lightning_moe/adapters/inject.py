@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +183,23 @@ def merge_adapters(model: nn.Module) -> None:
 def unmerge_adapters(model: nn.Module) -> None:
     for _, layer in adapted_layers(model):
         layer.unmerge()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, every adapted layer computes its frozen base layer alone, so the model IS its base
+    model (bit for bit: nothing else of it changed). Merged layers are refused: their base weight
+    holds the update."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise AdapterConfigError("cannot switch adapters off while they are merged; unmerge them first")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def _check_target(name: str, pattern: str, modules: dict[str, nn.Module]) -> None:

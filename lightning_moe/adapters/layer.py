@@ -17,7 +17,8 @@ class AdaptedLinear(nn.Module):
     """Keeps the original layer as `base_layer` (frozen) and adds `adapter(x)` to its output.
 
     Input-independent updates (plain LoRA, a fixed-weight mixture of LoRAs) can be merged into
-    the base weight (then forward is just the base layer) and unmerged again.
+    the base weight (then forward is just the base layer) and unmerged again. With `enabled`
+    False the layer is its base layer exactly (see `inject.adapters_disabled`).
     """
 
     def __init__(self, base_layer: nn.Linear, adapter: Adapter, config: AdapterConfig) -> None:
@@ -26,6 +27,7 @@ class AdaptedLinear(nn.Module):
         self.adapter = adapter
         self.config = config
         self.merged = False
+        self.enabled = True
 
     # Model code sometimes reads these from its linears (dtype checks, tied weights).
     @property
@@ -46,7 +48,7 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         return out + self.adapter(x).to(out.dtype)
 

@@ -68,7 +68,8 @@ class ReasoningTask(CausalLMTask):
         )
         return tokenizer.batch_decode(tokens[:, prompts.shape[1] :], skip_special_tokens=True)
 
-    def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
+    def _score(self, batch: dict, batch_idx: int, stage: str) -> list[str]:
+        """Generate for an evaluation batch, update and log its scores; the generations."""
         outputs = self.generate(batch)
         for kind in EXTRACTIONS:
             metric = self.answer_metrics[f"{stage}_{kind}"]
@@ -76,6 +77,7 @@ class ReasoningTask(CausalLMTask):
             self.log(f"{stage}/{kind}_match", metric, on_step=False, on_epoch=True, batch_size=len(outputs))
         if batch_idx == 0 and self.samples_to_log:
             self.log_samples(batch, outputs, stage)
+        return outputs
 
     def log_samples(self, batch: dict, outputs: list[str], stage: str) -> None:
         """The first problems of the evaluation with their generations, as a TensorBoard text table."""
