@@ -171,8 +171,8 @@ class GRPOTask(ReasoningTask):
             if reward != 1.0:
                 raise UserInputError(
                     f"the verifier of task {example.domain!r} gives {reward:g} to its own reference answer "
-                    f"{example.entry['answer']!r} written as '{ANSWER_MARKER}<answer>'; GRPO needs tasks whose "
-                    "answers fit on one line"
+                    f"{example.entry['answer']!r} written as '{ANSWER_MARKER}<answer>' and read as "
+                    f"answer_extraction={self.answer_extraction!r}; use a task whose answers it reads whole"
                 )
 
     # --- sampling --------------------------------------------------------------------------
