@@ -1,0 +1,23 @@
+"""The training-step table of docs/rl.md from a GRPO run's TensorBoard events.
+
+python scripts/rl_table.py runs/rl/grpo_smollm2/version_0
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+TAGS = ["reward", "accuracy", "format_rate", "kl", "equal_reward_groups", "entropy"]
+
+events = EventAccumulator(sys.argv[1]).Reload()
+values = {tag: np.array([e.value for e in events.Scalars(f"train/{tag}")]) for tag in TAGS}
+print("| training steps | " + " | ".join(TAGS) + " |")
+print("|---|" + "---:|" * len(TAGS))
+for start in range(0, len(values["reward"]), 10):
+    cells = [f"{values[tag][start : start + 10].mean():.3f}" for tag in TAGS]
+    print(f"| {start + 1}–{min(start + 10, len(values['reward']))} | " + " | ".join(cells) + " |")
+times = [e.wall_time for e in events.Scalars("train/reward")]
+print(f"\nseconds per step (median): {np.median(np.diff(times)):.1f}")
