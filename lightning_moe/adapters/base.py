@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from .errors import AdapterConfigError, AdapterOptionError
-from .routing import RoutingCollector
+from .routing import RoutingCollector, RoutingRecord
 
 
 @dataclasses.dataclass
@@ -78,6 +78,15 @@ class Adapter(nn.Module):
         """Where a routed kind reports this layer's decisions (its records carry `layer_name`)."""
         if self.routed:
             self.layer_name, self.collector = layer_name, collector
+
+    def report_routing(self, lead_shape: tuple[int, ...], logits: Tensor, indices: Tensor) -> None:
+        """Hand this pass's decisions ([N, E] logits, [N, k] indices) to the collector, shaped like
+        the layer input. Built only while it captures: at a decode step these few small ops per
+        layer are a visible share of the time."""
+        if self.collector is not None and self.collector.active:
+            self.collector.record(
+                RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), indices.view(*lead_shape, -1))
+            )
 
     def end_task(self) -> Any:
         """The task-boundary step of continual kinds; returns what it kept (see `task_record`)."""

@@ -31,7 +31,6 @@ from .backends import Backend, expert_backend
 from .base import Adapter, AdapterConfig
 from .errors import AdapterCheckpointError, AdapterConfigError
 from .lora_factors import PretrainedLora, check_factor_shapes, read_pretrained_lora
-from .routing import RoutingRecord
 
 
 @dataclass
@@ -197,12 +196,10 @@ class LoraMixtureAdapter(Adapter):
         lead_shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1]).to(self.expert_A.dtype)
         indices, weights, logits = self.mixing_weights(flat)
-        if logits is not None and self.collector is not None:
+        if logits is not None:
             # the chosen experts, or with all K mixed each token's dominant one, for statistics
             chosen = indices if self.top_k is not None else weights.argmax(dim=-1, keepdim=True)
-            self.collector.record(
-                RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), chosen.view(*lead_shape, -1))
-            )
+            self.report_routing(lead_shape, logits, chosen)
         compute = expert_backend(self.backend, flat, self.expert_A.shape[0], indices.shape[-1])
         delta = compute(flat, self.expert_A, self.expert_B, indices, weights.to(flat.dtype))
         return delta.view(*lead_shape, delta.shape[-1])

@@ -13,7 +13,7 @@ from .backends import Backend, expert_backend
 from .base import Adapter, register_adapter
 from .errors import AdapterConfigError
 from .lora import LowRankConfig, kaiming_uniform_rows_
-from .routing import RouterGradient, RoutingRecord, TopKRouter
+from .routing import RouterGradient, TopKRouter
 
 
 @dataclass
@@ -170,9 +170,6 @@ class MoEAdapter(Adapter):
         lead_shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
         indices, weights, logits = self.route(flat)
-        if self.collector is not None:
-            self.collector.record(
-                RoutingRecord(self.layer_name, logits.view(*lead_shape, -1), indices.view(*lead_shape, -1))
-            )
+        self.report_routing(lead_shape, logits, indices)
         delta = self.experts(flat, indices, weights, self.backend, self.frozen_mask())
         return delta.view(*lead_shape, delta.shape[-1])
