@@ -8,6 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_moe.adapters import AdapterRule, adapters_disabled, inject, merge_adapters
+from lightning_moe.adapters.adapter_folder import save_adapter
 from lightning_moe.adapters.files import read_safetensors
 from lightning_moe.data.verified_prompts import VerifiedPrompts
 from lightning_moe.errors import UserInputError
@@ -87,16 +88,17 @@ def test_adapters_switched_off_are_the_base_model_bit_for_bit():
 
 def tiny_task(**options) -> GRPOTask:
     data = VerifiedPrompts(tokenizer="bytes", tasks=["chain_sum"], train_size=4, val_size=2, test_size=2)
+    options.setdefault("adapters", [AdapterRule(LLAMA_LINEARS, {"kind": "lora", "rank": 4})])
     task = GRPOTask(
         data=data,
         tokenizer="bytes",
         model_config={"model_type": "llama", **TINY_REASONING_LLAMA, "vocab_size": 259},
         dtype="float64",
-        adapters=[AdapterRule(LLAMA_LINEARS, {"kind": "lora", "rank": 4})],
         **options,
     )
     task.configure_model()
-    randomize_adapters(task.model)
+    if task.adapter_path is None:
+        randomize_adapters(task.model)  # a saved adapter keeps what it learnt
     return task
 
 
@@ -149,6 +151,21 @@ def test_the_reference_log_probs_are_the_base_models():
     task.model = adapted
     assert torch.equal(reference, base)
     assert not torch.allclose(reference, task.log_probs_of(rollout))
+
+
+def test_a_run_from_a_saved_adapter_trains_it_against_the_base(tmp_path):
+    sft = tiny_task()
+    folder = save_adapter(sft.model, sft.adapter_rules, tmp_path / "sft")
+    rollout = fake_rollout(sft)
+    task = tiny_task(adapter_path=str(folder), adapters=None)
+    assert torch.equal(task.log_probs_of(rollout), sft.log_probs_of(rollout))  # starts where SFT ended
+    with adapters_disabled(task.model):
+        reference = task.log_probs_of(rollout)
+    adapted, task.model = task.model, task.build_model()  # the same base (model_seed), no adapters
+    assert torch.equal(reference, task.log_probs_of(rollout))  # the reference is the base, not the SFT
+    task.model = adapted
+    gradients = summed_gradient(task, rollout)
+    assert gradients and all(g.abs().max() > 0 for g in gradients.values())  # the loaded adapter trains
 
 
 @pytest.mark.parametrize(
