@@ -54,7 +54,7 @@ bench: install
 TRL_VENV ?= .venv-trl
 bench-rl: install
 	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
-	$(TRL_VENV)/bin/python -m pip install -c requirements/lock.txt -e . trl==1.16.0 datasets==5.2.0
+	$(TRL_VENV)/bin/python -m pip install -c requirements/lock.txt -e . peft trl==1.16.0 datasets==5.2.0
 	$(TRL_VENV)/bin/python -m pip install --no-deps -r requirements/assets.txt
 	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --output docs/benchmarks_rl.md
 

@@ -3,6 +3,7 @@ rewards, G, learning rate and steps; the reward they reach and their seconds per
 
     make bench-rl   # builds .venv-trl (TRL is a dev-only dependency), then runs:
     .venv-trl/bin/python benchmarks/grpo_vs_trl.py --steps 30 --output docs/benchmarks_rl.md
+    # per-step rewards go to runs/grpo_vs_trl.json (--curves), for scripts/rl_curves.py
 
 Both runs: SmolLM2-135M-Instruct (the packaged asset), LoRA r8 alpha 16 (no dropout) on every
 attention and MLP linear, 4 prompts a step from `VerifiedPrompts` (chain_sum and letter_counting
@@ -10,10 +11,11 @@ at the demo's difficulty, the same chat template and instruction), G = 8 complet
 24 tokens at temperature 1, rewards from the tasks' reasoning-gym verifiers on the completion's
 last number plus 0.5 for the '#### ' line (`rewards.score_completions`, the same function on both
 sides), GRPO loss and advantages, beta 0.02, AdamW lr 2e-4, one update per rollout, gradient
-clipping at 1, 2 threads, fp32. The runs take turns, never together. Seconds per step: the
-median time between consecutive steps (the first step, with its warm-up, left out). Reward:
-the mean training reward of the last 10 steps, and of the first 5 (each side samples its own
-completions, so the curves are noisy; the same prompts in the same order on both sides).
+clipping at 1, no activation checkpointing (TRL turns it on by default), 2 threads, fp32. The
+runs take turns, never together. Seconds per step: the median time between consecutive steps
+(the first step, with its warm-up, left out). Reward: the mean training reward of the last 10
+steps, and of the first 5 (each side samples its own completions, so the curves are noisy; the
+same prompts in the same order on both sides).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def run_trl(steps: int, folder: Path) -> list[tuple[float, float]]:
         beta=BETA,
         loss_type="grpo",
         max_grad_norm=1.0,
+        gradient_checkpointing=False,  # TRL's default is on; ours does not recompute activations
         max_steps=steps,
         logging_steps=1,
         save_strategy="no",
@@ -168,11 +171,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS_DEFAULT)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--curves", type=Path, default=REPO / "runs/grpo_vs_trl.json", help="per-step rewards, for the figure"
+    )
     args = parser.parse_args()
-    results = {}
+    logs = {}
     with tempfile.TemporaryDirectory() as scratch:
-        results["ours GRPOTask"] = summary(run_ours(args.steps, Path(scratch) / "ours"))
-        results["TRL GRPOTrainer + peft"] = summary(run_trl(args.steps, Path(scratch) / "trl"))
+        logs["ours GRPOTask"] = run_ours(args.steps, Path(scratch) / "ours")
+        logs["TRL GRPOTrainer + peft"] = run_trl(args.steps, Path(scratch) / "trl")
+    args.curves.parent.mkdir(parents=True, exist_ok=True)
+    args.curves.write_text(json.dumps({name: [reward for _, reward in log] for name, log in logs.items()}))
+    results = {name: summary(log) for name, log in logs.items()}
     trl_seconds = results["TRL GRPOTrainer + peft"]["seconds_per_step"]
     lines = [
         "# GRPO: ours against TRL",
