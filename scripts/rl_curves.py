@@ -1,0 +1,61 @@
+"""The reward curves of docs/rl.md: LoRA against MoLE policies, GRPO against Dr. GRPO, and ours
+against TRL, from the runs of `bash scripts/rl_results.sh` and `make bench-rl`.
+
+python scripts/rl_curves.py runs/rl_results [--trl runs/grpo_vs_trl.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+WINDOW = 5  # steps in the running mean: one rollout's reward is a noisy mean of 32 samples
+
+
+def running_mean(values: list[float]) -> np.ndarray:
+    kernel = np.ones(WINDOW) / WINDOW
+    return np.convolve(values, kernel, mode="valid")
+
+
+def rewards(run: Path) -> list[float]:
+    return [event.value for event in EventAccumulator(str(run)).Reload().Scalars("train/reward")]
+
+
+def plot(axes, curves: dict[str, list[float]], title: str) -> None:
+    for label, values in curves.items():
+        if len(values) >= WINDOW:
+            axes.plot(np.arange(WINDOW, len(values) + 1), running_mean(values), label=label)
+    axes.set(xlabel="training step", ylabel=f"reward ({WINDOW}-step running mean)", title=title)
+    axes.legend(fontsize=8)
+
+
+def seeds(root: Path, name: str) -> dict[str, list[float]]:
+    return {f"{name} seed {run.name[1:]}": rewards(run) for run in sorted((root / name).glob("s*"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--trl", type=Path, default=Path("runs/grpo_vs_trl.json"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/images/rl_reward_curves.png"))
+    args = parser.parse_args()
+    figure = Figure(figsize=(15, 4), layout="constrained")
+    left, middle, right = figure.subplots(1, 3, sharey=True)
+    plot(left, seeds(args.root, "lora") | seeds(args.root, "mole"), "LoRA and MoLE policies (GRPO)")
+    plot(
+        middle,
+        seeds(args.root, "lora") | seeds(args.root, "dr_grpo"),
+        "GRPO (lora) and Dr. GRPO, LoRA policy",
+    )
+    plot(right, json.loads(args.trl.read_text()), "ours and TRL, LoRA policy, same prompts")
+    figure.savefig(args.figure, dpi=100)
+    print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
