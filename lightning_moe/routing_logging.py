@@ -116,11 +116,14 @@ def log_routing_statistics(
     if not stats:
         return
     summary = routing_summary(stats)
-    for name in ("entropy", "max_load", "dead_experts"):
-        module.log(f"routing/{name}", summary[name])
-    logger = module.logger
+    logger, step = module.logger, module.global_step
+    if logger is not None:
+        # to the logger at this step only: `module.log` would repeat the value at every step until
+        # the next one, drawing a staircase of stale values between the steps that measured routing
+        logger.log_metrics(
+            {f"routing/{name}": summary[name] for name in ("entropy", "max_load", "dead_experts")}, step
+        )
     if isinstance(logger, TensorBoardLogger):
-        step = module.global_step
         layers = list(stats.values())
         logger.experiment.add_histogram(
             "routing/layer_entropy", np.array([normalised_entropy(s) for s in layers]), step

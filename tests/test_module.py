@@ -62,6 +62,8 @@ def test_fit_logs_routing_and_saves_adapter_only_checkpoints(tmp_path, monkeypat
     assert not [tag for tag in scalars if "layers." in tag]
     assert {"routing/layer_entropy", "routing/layer_max_load"} <= set(events.Tags()["histograms"])
     assert "train/expert_load" in events.Tags()["images"]
+    # routing is measured every 2nd step (SMALL_RUN) and logged at those steps only, not repeated
+    assert [event.step for event in events.Scalars("routing/entropy")] == [0, 2]
     entropy = [event.value for event in events.Scalars("routing/entropy")]
     assert entropy and all(0.0 <= value <= 1.0 for value in entropy)
     max_load = [event.value for event in events.Scalars("routing/max_load")]
