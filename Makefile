@@ -56,7 +56,8 @@ bench-rl: install
 	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/python -m pip install -c requirements/lock.txt -e . peft trl==1.16.0 datasets==5.2.0
 	$(TRL_VENV)/bin/python -m pip install --no-deps -r requirements/assets.txt
-	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --output docs/benchmarks_rl.md
+	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --seed 0 --output docs/benchmarks_rl.md
+	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --seed 1 --output docs/benchmarks_rl_seed1.md
 
 clean-venv:
 	rm -rf $(VENV) $(TRL_VENV)

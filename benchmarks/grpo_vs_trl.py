@@ -3,7 +3,8 @@ rewards, G, learning rate and steps; the reward they reach and their seconds per
 
     make bench-rl   # builds .venv-trl (TRL is a dev-only dependency), then runs:
     .venv-trl/bin/python benchmarks/grpo_vs_trl.py --steps 30 --output docs/benchmarks_rl.md
-    # per-step rewards go to runs/grpo_vs_trl.json (--curves), for scripts/rl_curves.py
+    .venv-trl/bin/python benchmarks/grpo_vs_trl.py --steps 30 --seed 1 --output docs/benchmarks_rl_seed1.md
+    # per-step rewards go to runs/grpo_vs_trl-s<seed>.json (--curves), for scripts/rl_curves.py
 
 Both runs: SmolLM2-135M-Instruct (the packaged asset), LoRA r8 alpha 16 (no dropout) on every
 attention and MLP linear, 4 prompts a step from `VerifiedPrompts` (chain_sum and letter_counting
@@ -57,7 +58,7 @@ def data_module():
     return data
 
 
-def run_trl(steps: int, folder: Path) -> list[tuple[float, float]]:
+def run_trl(steps: int, folder: Path, seed: int) -> list[tuple[float, float]]:
     """(wall time at the end of each step, mean reward of its rollout) of TRL's GRPOTrainer."""
     import torch
     from datasets import Dataset
@@ -115,7 +116,7 @@ def run_trl(steps: int, folder: Path) -> list[tuple[float, float]]:
         report_to=[],
         use_cpu=True,
         bf16=False,
-        seed=0,
+        seed=seed,
         shuffle_dataset=False,
     )
     log: list[tuple[float, float]] = []
@@ -138,13 +139,13 @@ def run_trl(steps: int, folder: Path) -> list[tuple[float, float]]:
     return log
 
 
-def run_ours(steps: int, folder: Path) -> list[tuple[float, float]]:
+def run_ours(steps: int, folder: Path, seed: int) -> list[tuple[float, float]]:
     """The same from our CLI (a subprocess), read back from its TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     command = [
         sys.executable, "-m", "lightning_moe", "fit", "--config", str(CONFIG),
-        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        f"--trainer.max_steps={steps}", f"--seed_everything={seed}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.callbacks=[]", f"--trainer.logger.init_args.save_dir={folder}",
         "--trainer.enable_progress_bar=false", "--model.init_args.completions_to_log=0",
         "--model.init_args.adapters=[{targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj], "
@@ -171,14 +172,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS_DEFAULT)
     parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument(
-        "--curves", type=Path, default=REPO / "runs/grpo_vs_trl.json", help="per-step rewards, for the figure"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="both sides' seed (the prompt order is fixed)")
+    parser.add_argument("--curves", type=Path, default=None, help="per-step rewards, for the figure")
     args = parser.parse_args()
+    args.curves = args.curves or REPO / f"runs/grpo_vs_trl-s{args.seed}.json"
     logs = {}
     with tempfile.TemporaryDirectory() as scratch:
-        logs["ours GRPOTask"] = run_ours(args.steps, Path(scratch) / "ours")
-        logs["TRL GRPOTrainer + peft"] = run_trl(args.steps, Path(scratch) / "trl")
+        logs["ours GRPOTask"] = run_ours(args.steps, Path(scratch) / "ours", args.seed)
+        logs["TRL GRPOTrainer + peft"] = run_trl(args.steps, Path(scratch) / "trl", args.seed)
     args.curves.parent.mkdir(parents=True, exist_ok=True)
     args.curves.write_text(json.dumps({name: [reward for _, reward in log] for name, log in logs.items()}))
     results = {name: summary(log) for name, log in logs.items()}
@@ -186,7 +187,7 @@ def main() -> None:
     lines = [
         "# GRPO: ours against TRL",
         "",
-        f"Command: `.venv-trl/bin/python benchmarks/grpo_vs_trl.py --steps {args.steps}`",
+        f"Command: `.venv-trl/bin/python benchmarks/grpo_vs_trl.py --steps {args.steps} --seed {args.seed}`",
         f"Machine: {platform.machine()}, 2 threads, torch {version('torch')}, transformers {version('transformers')}, "
         f"trl {version('trl')}, peft {version('peft')}, {datetime.now(UTC):%Y-%m-%d}. {PROMPTS} prompts x G = {GROUP}, "
         f"{NEW_TOKENS} new tokens, lr {LR}, beta {BETA}, {args.steps} steps (see the script's docstring).",

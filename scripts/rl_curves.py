@@ -1,7 +1,7 @@
 """The reward curves of docs/rl.md: LoRA against MoLE policies, GRPO against Dr. GRPO, and ours
 against TRL, from the runs of `bash scripts/rl_results.sh` and `make bench-rl`.
 
-python scripts/rl_curves.py runs/rl_results [--trl runs/grpo_vs_trl.json]
+python scripts/rl_curves.py runs/rl_results [--trl runs/grpo_vs_trl-s0.json runs/grpo_vs_trl-s1.json]
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def seeds(root: Path, name: str) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--trl", type=Path, default=Path("runs/grpo_vs_trl.json"))
+    parser.add_argument(
+        "--trl", type=Path, nargs="+", default=sorted(Path("runs").glob("grpo_vs_trl-s*.json"))
+    )
     parser.add_argument("--figure", type=Path, default=Path("docs/images/rl_reward_curves.png"))
     args = parser.parse_args()
     figure = Figure(figsize=(15, 4), layout="constrained")
@@ -52,7 +54,12 @@ def main() -> None:
         seeds(args.root, "lora") | seeds(args.root, "dr_grpo"),
         "GRPO (lora) and Dr. GRPO, LoRA policy",
     )
-    plot(right, json.loads(args.trl.read_text()), "ours and TRL, LoRA policy, same prompts")
+    side_by_side = {
+        f"{side} seed {path.stem.rsplit('-s', 1)[1]}": rewards
+        for path in args.trl
+        for side, rewards in json.loads(path.read_text()).items()
+    }
+    plot(right, side_by_side, "ours and TRL, LoRA policy, same prompts")
     figure.savefig(args.figure, dpi=100)
     print(f"figure: {args.figure}")
 
