@@ -2,6 +2,7 @@
 merged), MoLE and MixLoRA, side by side, as ratios to the base model.
 
     python benchmarks/decode.py --output docs/benchmarks_decode.md
+    python benchmarks/decode.py --profile "ours MoLE (E=8, top-1)"   # where its time goes
 
 SmolLM2-135M's shape with random weights, eval mode; every variant's adapters are randomised
 (a zero LoRA B would let nothing be skipped that real adapters need). Each call generates
@@ -95,6 +96,15 @@ def decode_step(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
     return step
 
 
+def profile_table(step) -> str:
+    """torch.profiler's operators of one call (after a warm-up call), by input shape."""
+    step()
+    with torch.profiler.profile(record_shapes=True) as profiler:
+        step()
+    averages = profiler.key_averages(group_by_input_shape=True)
+    return averages.table(sort_by="self_cpu_time_total", row_limit=15, max_shapes_column_width=50)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -103,12 +113,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--profile", metavar="VARIANT", help="instead: where one call of VARIANT spends its time"
+    )
     args = parser.parse_args()
 
     prompt = torch.randint(
         1, SMOLLM2_135M.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)
     )
     models = variants()
+    if args.profile:
+        print(profile_table(decode_step(models[args.profile], prompt, args.new)))
+        return
     times = measure(
         {name: decode_step(m, prompt, args.new) for name, m in models.items()}, args.rounds, args.warmup
     )
