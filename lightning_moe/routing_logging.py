@@ -112,17 +112,18 @@ def load_figure(stats: Mapping[str, LayerRoutingStats], step: int) -> Figure:
 
 def log_routing_statistics(
     module: L.LightningModule, stats: Mapping[str, LayerRoutingStats], stage: str
-) -> None:
+) -> dict[str, float] | None:
+    """Log the summary scalars, the per-layer histograms and the load figure; returns the summary."""
     if not stats:
-        return
+        return None
     summary = routing_summary(stats)
-    logger, step = module.logger, module.global_step
-    if logger is not None:
-        # to the logger at this step only: `module.log` would repeat the value at every step until
-        # the next one, drawing a staircase of stale values between the steps that measured routing
-        logger.log_metrics(
-            {f"routing/{name}": summary[name] for name in ("entropy", "max_load", "dead_experts")}, step
-        )
+    step = module.global_step
+    scalars = {f"routing/{name}": summary[name] for name in ("entropy", "max_load", "dead_experts")}
+    for logger in module.loggers:
+        # at this step only: `module.log` would repeat the value at every step until the next
+        # one, drawing a staircase of stale values between the steps that measured routing
+        logger.log_metrics(scalars, step)
+    logger = module.logger
     if isinstance(logger, TensorBoardLogger):
         layers = list(stats.values())
         logger.experiment.add_histogram(
