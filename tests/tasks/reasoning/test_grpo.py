@@ -141,6 +141,27 @@ def test_micro_batches_give_the_whole_batch_gradient():
     assert any(g.abs().max() > 0 for g in whole.values())
 
 
+def test_a_policy_gradient_step_raises_the_rewarded_completion():
+    task = tiny_task()
+    rollout = fake_rollout(task)
+    # one group, two distinct completions of the same prompt: the rewarded one in the even rows
+    for key in ("input_ids", "attention_mask", "position_ids", "completion", "completion_mask"):
+        rollout[key][0::2], rollout[key][1::2] = rollout[key][0], rollout[key][1]
+    rewarded = torch.arange(6) % 2 == 0
+    rollout["advantages"] = torch.where(rewarded, 1.0, -1.0).double()
+    rollout["old_log_probs"] = task.log_probs_of(rollout).detach()  # on-policy: every ratio is 1
+
+    def sequence_log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return (task.log_probs_of(rollout) * rollout["completion_mask"]).sum(1)
+
+    before = sequence_log_probs()
+    summed_gradient(task, rollout)
+    torch.optim.SGD([p for p in task.model.parameters() if p.requires_grad], lr=0.1).step()
+    change = sequence_log_probs() - before
+    assert (change[rewarded] > 0).all() and (change[~rewarded] < 0).all()
+
+
 def test_the_reference_log_probs_are_the_base_models():
     task = tiny_task()
     rollout = fake_rollout(task)
