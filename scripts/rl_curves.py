@@ -46,19 +46,22 @@ def main() -> None:
     )
     parser.add_argument("--figure", type=Path, default=Path("docs/images/rl_reward_curves.png"))
     args = parser.parse_args()
-    figure = Figure(figsize=(15, 4), layout="constrained")
-    left, middle, right = figure.subplots(1, 3, sharey=True)
-    plot(left, seeds(args.root, "lora") | seeds(args.root, "mole"), "LoRA and MoLE policies (GRPO)")
-    plot(
-        middle,
-        seeds(args.root, "lora") | seeds(args.root, "dr_grpo"),
-        "GRPO (lora) and Dr. GRPO, LoRA policy",
-    )
     side_by_side = {
         f"{side} seed {path.stem.rsplit('-s', 1)[1]}": rewards
         for path in args.trl
         for side, rewards in json.loads(path.read_text()).items()
     }
+    # the benchmark's side of ours runs the default config, so its curve stands in for a LoRA
+    # seed without a run of its own here (the same seed gives the same rewards, step for step)
+    lora = seeds(args.root, "lora")
+    for name, rewards in side_by_side.items():
+        label = "lora seed " + name.rsplit(" ", 1)[1]
+        if name.startswith("ours") and label not in lora:
+            lora[f"{label} (bench-rl, 30 steps)"] = rewards
+    figure = Figure(figsize=(15, 4), layout="constrained")
+    left, middle, right = figure.subplots(1, 3, sharey=True)
+    plot(left, lora | seeds(args.root, "mole"), "LoRA and MoLE policies (GRPO)")
+    plot(middle, lora | seeds(args.root, "dr_grpo"), "GRPO and Dr. GRPO (dr_grpo), LoRA policy")
     plot(right, side_by_side, "ours and TRL, LoRA policy, same prompts")
     figure.savefig(args.figure, dpi=100)
     print(f"figure: {args.figure}")
