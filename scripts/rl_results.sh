@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the results of docs/rl.md: the embedded GRPO default (LoRA r8) on two seeds, the same
-# run with a MoLE policy, and Dr. GRPO, each 40 steps (about 12 minutes a run on 2 CPU cores;
+# run with a MoLE policy, and Dr. GRPO, each 40 steps (18 to 25 minutes a run on 2 CPU cores;
 # rerunning skips finished runs). Then the per-10-steps table of every run.
 # Usage: [SEEDS="0 1"] bash scripts/rl_results.sh [GROUP...]  (groups: lora mole dr_grpo; all by default)
 set -euo pipefail

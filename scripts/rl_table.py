@@ -1,6 +1,6 @@
 """The training-step table of docs/rl.md from a GRPO run's TensorBoard events.
 
-python scripts/rl_table.py runs/rl/grpo_smollm2/version_0   # then the validation scores, first and last
+python scripts/rl_table.py runs/rl/grpo_smollm2/version_0   # then validation and routing, first and last
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ for start in range(0, len(values["reward"]), 10):
     print(f"| {start + 1}–{min(start + 10, len(values['reward']))} | " + " | ".join(cells) + " |")
 times = [e.wall_time for e in events.Scalars("train/reward")]
 print(f"\nseconds per step (median): {np.median(np.diff(times)):.1f}")
-for tag in ("val/verifier_score", "val/strict_match"):
+for tag in (
+    "val/verifier_score",
+    "val/strict_match",
+    "routing/entropy",
+    "routing/max_load",
+    "routing/dead_experts",
+):
     if tag in events.Tags()["scalars"]:
         scores = events.Scalars(tag)
         print(
