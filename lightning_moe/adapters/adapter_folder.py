@@ -22,19 +22,35 @@ from .errors import AdapterCheckpointError, AdapterConfigError
 from .files import read_json_object, read_safetensors, write_folder_files
 from .inject import InjectionReport, adapted_layers, inject
 from .layer import AdaptedLinear
+from .quantized import QuantizedLinear, dequantized
 from .rules import AdapterRule
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_OFFSETS_FILE = "quantized_base.safetensors"  # LQ-LoRA: the low-rank parts taken out of W
 FORMAT = "lightning_moe.adapter"
 FORMAT_VERSION = 1
 _FINGERPRINT_VALUES = 16
 
 
 # --- fingerprints of the base -------------------------------------------------------------------
-def weight_fingerprint(weight: Tensor) -> dict:
+def layer_fingerprint(linear: nn.Module) -> dict:
+    """Shape and first values of the weight a base layer computes with; a quantised layer also
+    records how it is stored (scheme, blocks, LQ-LoRA rank) and its reconstruction error."""
+    weight = dequantized(linear)
     head = weight.detach().flatten()[:_FINGERPRINT_VALUES].float().cpu().tolist()
-    return {"shape": list(weight.shape), "head": head}
+    prints = {"shape": list(weight.shape), "head": head}
+    if isinstance(linear, QuantizedLinear):
+        prints |= {"quantization": linear.quantization, "relative_error": linear.relative_error}
+    return prints
+
+
+def describe_storage(prints: Mapping) -> str:
+    quantization = prints.get("quantization")
+    if quantization is None:
+        return "not quantised"
+    low_rank = f" with a rank-{quantization['low_rank']} LQ-LoRA part" if quantization["low_rank"] else ""
+    return f"{quantization['scheme']} (blocks of {quantization['block_size']}){low_rank}"
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, dict]:
@@ -43,7 +59,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict]:
     for name, layer in adapted_layers(model):
         if layer.merged:
             raise AdapterConfigError(f"layer {name!r} is merged; unmerge the adapters before saving them")
-        prints[name] = weight_fingerprint(layer.base_layer.weight)
+        prints[name] = layer_fingerprint(layer.base_layer)
     return prints
 
 
@@ -58,6 +74,11 @@ def check_fingerprints(current: Mapping[str, dict], recorded: Mapping[str, dict]
             raise AdapterCheckpointError(
                 f"{source} was saved for a base whose {name!r} has shape {expected['shape']}, "
                 f"this model's is {actual['shape']}"
+            )
+        if actual.get("quantization") != expected.get("quantization"):
+            raise AdapterCheckpointError(
+                f"{source} was trained on a base stored as {describe_storage(expected)}; this model's "
+                f"{name!r} is {describe_storage(actual)} (set the model's `quantize` to match)"
             )
         if not torch.allclose(
             torch.tensor(actual["head"]), torch.tensor(expected["head"]), rtol=2e-2, atol=1e-6
@@ -79,7 +100,7 @@ def target_layer(model: nn.Module, name: str, source: str) -> nn.Module:
 
 def check_base(model: nn.Module, recorded: Mapping[str, dict], source: str) -> None:
     """`check_fingerprints` against the layers of a (not yet adapted) model."""
-    current = {name: weight_fingerprint(target_layer(model, name, source).weight) for name in recorded}
+    current = {name: layer_fingerprint(target_layer(model, name, source)) for name in recorded}
     check_fingerprints(current, recorded, source)
 
 
@@ -169,6 +190,29 @@ def copy_adapter_tensors(
         target.copy_(tensors[key])
 
 
+def base_offset_files(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """LQ-LoRA's (A0, B0) of every quantised base layer that has them: with W they rebuild Q."""
+    offsets = {}
+    for name, layer in adapted_layers(model):
+        base = layer.base_layer
+        if isinstance(base, QuantizedLinear) and base.quantization["low_rank"]:
+            offsets |= {f"{name}.offset_A": base.offset_A, f"{name}.offset_B": base.offset_B}
+    return {BASE_OFFSETS_FILE: offsets} if offsets else {}
+
+
+def read_base_offsets(folder: str | os.PathLike) -> dict[str, tuple[Tensor, Tensor]]:
+    """{layer: (A0, B0)} of an adapter folder trained on an LQ-LoRA base ({} for any other)."""
+    path = Path(folder) / BASE_OFFSETS_FILE
+    if not path.is_file():
+        return {}
+    tensors = read_safetensors(path)
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    try:
+        return {name: (tensors[f"{name}.offset_A"], tensors[f"{name}.offset_B"]) for name in names}
+    except KeyError as missing:
+        raise AdapterCheckpointError(f"{path} lacks tensor {missing}") from None
+
+
 # --- saving and loading --------------------------------------------------------------------------
 def save_adapter(
     model: nn.Module,
@@ -208,7 +252,7 @@ def write_adapter(
         "modules": {name: layer.config.kind for name, layer in adapted_layers(model)},
         "fingerprint": fingerprint,
     }
-    weights = {WEIGHTS_FILE: state} | (extra_weights or {})
+    weights = {WEIGHTS_FILE: state} | base_offset_files(model) | (extra_weights or {})
     return write_folder_files(folder, weights, {CONFIG_FILE: json.dumps(config, indent=2)}, overwrite)
 
 

@@ -34,6 +34,7 @@ from .incremental_svd import IncrementalSVD, top_singular
 from .inject import adapted_layers
 from .layer import AdaptedLinear, build_adapter
 from .lora import LoraAdapter, LoraConfig
+from .quantized import QuantizedLinear
 from .rules import AdapterRule
 
 DATA_INITS = ("eva", "lora_ga")
@@ -102,7 +103,7 @@ def initialise_from_data(model: nn.Module, batches: Iterable, forward: Forward) 
 
 # --- EVA -----------------------------------------------------------------------------------------
 def _inputs_of(
-    layers: dict[str, AdaptedLinear], batch: Any, forward: Forward
+    layers: dict[str, nn.Module], batch: Any, forward: Forward
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """One no-grad forward of `batch`: each layer's input tensor (held, so no later input can
     reuse its memory) and the task's token mask."""
@@ -124,7 +125,7 @@ def _inputs_of(
     missing = [name for name in layers if name not in inputs]
     if missing:
         raise AdapterConfigError(
-            f"init 'eva': layer {missing[0]!r} was not called by the model's forward pass"
+            f"a data-driven init: layer {missing[0]!r} was not called by the model's forward pass"
         )
     return inputs, token_mask
 
@@ -212,7 +213,7 @@ def _eva_budget(layer: AdaptedLinear) -> int:
     return layer.config.rank * getattr(layer.config, "num_experts", 1)
 
 
-def _layer_inputs(layers: dict[str, AdaptedLinear], batch: Any, forward: Forward) -> dict[str, Tensor]:
+def _layer_inputs(layers: dict[str, nn.Module], batch: Any, forward: Forward) -> dict[str, Tensor]:
     """The rows each layer received for `batch`, without the tokens the task's mask drops."""
     inputs, token_mask = _inputs_of(layers, batch, forward)
     rows = {}
@@ -221,6 +222,20 @@ def _layer_inputs(layers: dict[str, AdaptedLinear], batch: Any, forward: Forward
             x = x[token_mask.bool()]
         rows[name] = x.reshape(-1, x.shape[-1]).float()
     return rows
+
+
+def input_rms(layers: dict[str, nn.Module], batches: Iterable, forward: Forward, count: int) -> dict[str, Tensor]:
+    """Each layer's root mean square input per column over the unmasked tokens of `count`
+    batches: the column weights of LQ-LoRA's `lq_weighting: activations`."""
+    squares: dict[str, Tensor] = {}
+    tokens = dict.fromkeys(layers, 0)
+    for batch in islice(batches, count):
+        for name, rows in _layer_inputs(layers, batch, forward).items():
+            squares[name] = squares.get(name, 0) + rows.double().square().sum(0)
+            tokens[name] += rows.shape[0]
+    if not squares:
+        raise AdapterConfigError("lq_weighting 'activations' needs calibration batches; the training data gave none")
+    return {name: (squares[name] / tokens[name]).sqrt() for name in layers}
 
 
 def distribute_ranks(
@@ -313,6 +328,12 @@ def _rule_config(rules: list[AdapterRule], name: str):
 def lora_ga_init(model: nn.Module, layers: dict[str, AdaptedLinear], batches: list, forward: Forward) -> int:
     """Average the full-weight gradient of every target over its `init_batches` batches (the
     base weights require grad only here), then set each layer's factors from its SVD."""
+    quantized = [name for name, layer in layers.items() if isinstance(layer.base_layer, QuantizedLinear)]
+    if quantized:
+        raise AdapterConfigError(
+            f"init 'lora_ga' needs the full-weight gradient of a full-precision base; {quantized[0]!r} "
+            "is quantised (use init 'lq_lora' or 'eva' on a quantised base)"
+        )
     weights = {name: layer.base_layer.weight for name, layer in layers.items()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     sums = {name: torch.zeros_like(weight, dtype=torch.float32) for name, weight in weights.items()}

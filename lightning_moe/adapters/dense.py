@@ -34,7 +34,8 @@ class DenseAdapter(Adapter):
 
     def __init__(self, base_layer: nn.Linear, config: DenseConfig) -> None:
         super().__init__(base_layer, config)
-        self.delta = nn.Parameter(torch.zeros_like(base_layer.weight))
+        weight = base_layer.weight  # may be a 4-bit tensor: only its shape, dtype and device
+        self.delta = nn.Parameter(torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device))
 
     @property
     def mergeable(self) -> bool:

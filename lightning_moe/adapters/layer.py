@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter, AdapterConfig, adapter_class
+from .errors import AdapterConfigError
+from .quantized import QuantizedLinear
 
 
 def build_adapter(config: AdapterConfig, base_layer: nn.Linear) -> Adapter:
@@ -56,6 +58,13 @@ class AdaptedLinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise AdapterConfigError(
+                f"cannot merge a {self.config.kind} adapter into a 4-bit base layer "
+                f"({self.base_layer.quantization['scheme']}); it was trained against the quantised "
+                "weights, so merging it into the full-precision model gives another model: keep it "
+                "unmerged (adapter folder) or train on a full-precision base"
+            )
         self.base_layer.weight += self._delta_weight()
         self.merged = True
 

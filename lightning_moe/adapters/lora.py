@@ -14,8 +14,9 @@ from torch.nn import functional as F
 
 from .base import Adapter, AdapterConfig, register_adapter
 from .errors import AdapterConfigError
+from .quantized import QuantizedLinear, dequantized
 
-LoraInit = Literal["kaiming", "gaussian", "pissa", "eva", "lora_ga"]
+LoraInit = Literal["kaiming", "gaussian", "pissa", "eva", "lora_ga", "lq_lora"]
 
 
 @dataclass
@@ -65,7 +66,9 @@ class LoraConfig(LowRankConfig):
             "pissa" (A, B from the top-r singular vectors of W; the frozen W is not modified,
             the initial principal part is subtracted instead so the start equals the base model),
             or the data-driven "eva" and "lora_ga", computed from the first training batches
-            before step 0 (see `data_init`).
+            before step 0 (see `data_init`), or "lq_lora": A, B start as the low-rank part L of
+            LQ-LoRA's split W ~ Q + L of the quantised base (needs the model's `quantize`), so the
+            start approximates W better than the quantised base alone.
         init_batches: Batches the data-driven inits read at most (EVA stops earlier when every
             layer has converged; LoRA-GA averages the gradient over all of them).
         eva_tau: EVA's convergence threshold: the cosine between a layer's components after
@@ -77,12 +80,17 @@ class LoraConfig(LowRankConfig):
         lora_ga_gamma: LoRA-GA's stable-scale gamma: A and B times d_out^(1/4) / sqrt(gamma).
         lora_ga_scale: "stable" (the paper's) or "peft" (peft's variant: B = U S times the
             factor, A unscaled).
+        lq_iterations: LQ-LoRA's alternations of SVD and quantisation (the best is kept).
+        lq_weighting: LQ-LoRA's SVD weighting: "none" or "activations" (each input column by the
+            root mean square of its calibration inputs over `init_batches` batches).
     """
 
     kind: ClassVar[str] = "lora"
     eva_rho: float = 2.0
     lora_ga_gamma: float = 16.0
     lora_ga_scale: Literal["stable", "peft"] = "stable"
+    lq_iterations: int = 5
+    lq_weighting: Literal["none", "activations"] = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +100,8 @@ class LoraConfig(LowRankConfig):
             )
         if self.lora_ga_gamma <= 0:
             raise AdapterConfigError(f"lora_ga_gamma must be > 0, got lora_ga_gamma={self.lora_ga_gamma}")
+        if self.lq_iterations < 1:
+            raise AdapterConfigError(f"lq_iterations must be >= 1, got lq_iterations={self.lq_iterations}")
 
 
 def kaiming_uniform_rows_(weight: Tensor) -> None:
@@ -131,20 +141,34 @@ class LoraAdapter(Adapter):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # PiSSA and LoRA-GA start from a non-zero product, kept and subtracted (named after PiSSA)
         self.has_initial_offset = config.init in ("pissa", "lora_ga")
-        self._initialize(config, weight)
+        self._initialize(config, base_layer)
 
     @property
     def mergeable(self) -> bool:
         return True  # the update does not depend on the input
 
     @torch.no_grad()
-    def _initialize(self, config: LoraConfig, base_weight: Tensor) -> None:
+    def _initialize(self, config: LoraConfig, base_layer: nn.Linear) -> None:
         zero_update_init_(self.lora_A, self.lora_B, config.init)
         if self.has_initial_offset:
             self.register_buffer("pissa_A0", torch.zeros_like(self.lora_A))
             self.register_buffer("pissa_B0", torch.zeros_like(self.lora_B))
         if config.init == "pissa":
-            self.set_initial_factors(*pissa_factors(base_weight, config.rank, self.scaling))
+            self.set_initial_factors(*pissa_factors(dequantized(base_layer), config.rank, self.scaling))
+        if config.init == "lq_lora":
+            self._start_at_base_offset(base_layer)
+
+    @torch.no_grad()
+    def _start_at_base_offset(self, base_layer: nn.Linear) -> None:
+        offset = base_layer.offset() if isinstance(base_layer, QuantizedLinear) else None
+        if offset is None:
+            raise AdapterConfigError(
+                "init 'lq_lora' starts from the low-rank part of a quantised base; set the model's "
+                "`quantize` (e.g. quantize: {scheme: nf4})"
+            )
+        root = self.scaling**0.5  # scaling * B @ A == offset_B @ offset_A
+        self.lora_A.copy_(base_layer.offset_A / root)
+        self.lora_B.copy_(base_layer.offset_B / root)
 
     @torch.no_grad()
     def set_initial_factors(self, lora_A: Tensor, lora_B: Tensor) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .adapter_folder import check_fingerprints, weight_fingerprint
+from .adapter_folder import check_fingerprints, layer_fingerprint
 from .backends import Backend, expert_backend
 from .base import Adapter, AdapterConfig
 from .errors import AdapterCheckpointError, AdapterConfigError
@@ -301,7 +301,7 @@ def _check_expert_fits(expert: PretrainedLora, layers: Mapping[str, nn.Module]) 
                 "or check that the expert was trained on this base model"
             )
         check_factor_shapes(module, lora_A, lora_B, layers[module].base_layer, str(expert.folder))
-    current = {module: weight_fingerprint(layers[module].base_layer.weight) for module in expert.fingerprint}
+    current = {module: layer_fingerprint(layers[module].base_layer) for module in expert.fingerprint}
     check_fingerprints(current, expert.fingerprint, str(expert.folder))
 
 
