@@ -297,6 +297,8 @@ TINY_OVERLAYS = [
     ("reasoning/*", ["reasoning"]),
     ("mixtures/*", ["reasoning"]),
     ("inits/*", ["reasoning"]),
+    ("memory/l4q.yaml", ["reasoning", "memory_l4q"]),
+    ("memory/*", ["reasoning"]),
     ("rl/*", ["reasoning", "rl"]),
     ("multimodal/*", ["multimodal"]),
     ("judges/*", ["judges"]),

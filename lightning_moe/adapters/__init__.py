@@ -14,6 +14,7 @@ from .codyra import CodyraAdapter, CodyraConfig, soft_threshold_rank_gates
 from .mora import MoraAdapter, MoraConfig
 from .dylora import DyLoraAdapter, DyLoraConfig
 from .dense import DenseAdapter, DenseConfig
+from .l4q import L4QAdapter, L4QConfig, set_fake_quantization
 
 # the protocol, injection and routing
 from .adapter_folder import load_adapter, load_adapter_weights, read_adapter_config, save_adapter

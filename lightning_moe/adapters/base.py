@@ -54,6 +54,9 @@ class Adapter(nn.Module):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     task_record: ClassVar[str | None] = None
     routed: ClassVar[bool] = False  # reports routing decisions to the model's collector
+    # computes the whole layer output with `forward_with_base(x, base_layer)` instead of a delta
+    # added to the base layer's (L4Q's quantised W + s B A); merging calls `merged_weight(W)`
+    replaces_base: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
         super().__init__()

@@ -49,9 +49,11 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         if self.merged or not self.enabled:
-            return out
+            return self.base_layer(x)
+        if self.adapter.replaces_base:
+            return self.adapter.forward_with_base(x, self.base_layer)
+        out = self.base_layer(x)
         return out + self.adapter(x).to(out.dtype)
 
     @torch.no_grad()
@@ -65,14 +67,22 @@ class AdaptedLinear(nn.Module):
                 "weights, so merging it into the full-precision model gives another model: keep it "
                 "unmerged (adapter folder) or train on a full-precision base"
             )
-        self.base_layer.weight += self._delta_weight()
+        if self.adapter.replaces_base:  # the merged weight is not W plus a delta: keep W to unmerge
+            self.register_buffer("unmerged_weight", self.base_layer.weight.detach().clone(), persistent=False)
+            self.base_layer.weight.copy_(self.adapter.merged_weight(self.unmerged_weight))
+        else:
+            self.base_layer.weight += self._delta_weight()
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight -= self._delta_weight()
+        if self.adapter.replaces_base:
+            self.base_layer.weight.copy_(self.unmerged_weight)
+            del self.unmerged_weight
+        else:
+            self.base_layer.weight -= self._delta_weight()
         self.merged = False
 
     @property

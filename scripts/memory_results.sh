@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Reproduces the tables in docs/memory.md: the demo's budget (SmolLM2-135M-Instruct, chain_sum +
+# letter_counting, 24 steps of 8 problems, 64 validation problems) with LoRA and MoLE on the fp32
+# base, on the NF4 base, with LQ-LoRA, with L4Q (quantisation-aware, then merged and quantised)
+# and with LoRAM (trained on a pruned base, recovered to the full one).
+# Usage: [SEEDS="0 1"] bash scripts/memory_results.sh [GROUP...]  (groups: nf4 lq l4q loram; all by
+#   default; 4-6 minutes per run on 2 CPU cores; rerunning skips finished runs)
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=runs/memory
+SHOW="quantized|LQ-LoRA split|pruned|val/strict_match|val/loss "
+read -r -a SEEDS <<<"${SEEDS:-0}"
+GROUPS_TO_RUN=("${@:-nf4 lq l4q loram}")
+mkdir -p "$OUT"
+source "$(dirname "$0")/timed.sh"
+LORA="--config configs/reasoning/lora_smollm2.yaml --config configs/reasoning/demo.yaml"
+MOLE="--config configs/reasoning/mole_smollm2.yaml --config configs/reasoning/demo.yaml"
+
+# fit NAME SEED ARGS...: one run in $OUT/NAME/s<SEED> (the demo's before/after table in its log)
+fit() {
+  local name=$1 seed=$2
+  shift 2
+  timed "$name-s$seed" $PY -m lightning_moe fit "$@" --seed_everything="$seed" \
+    --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="$name" \
+    --trainer.logger.init_args.version="s$seed"
+}
+wants() { [[ " ${GROUPS_TO_RUN[*]} " == *" $1 "* ]]; }
+
+for seed in "${SEEDS[@]}"; do
+  if wants nf4; then
+    fit lora_fp32 "$seed" $LORA
+    fit lora_nf4 "$seed" $LORA --config configs/memory/nf4_lora.yaml
+    fit mole_fp32 "$seed" $MOLE
+    fit mole_nf4 "$seed" $MOLE --config configs/memory/nf4_mole.yaml
+  fi
+  if wants lq; then fit lq_lora "$seed" $LORA --config configs/memory/lq_lora.yaml; fi
+done
