@@ -43,9 +43,11 @@ from lightning_moe.adapters.data_init import initialise_from_data, needs_data, r
 from lightning_moe.adapters.dylora import sample_active_ranks
 from lightning_moe.adapters.files import write_folder_files
 from lightning_moe.adapters.lora_mixture import check_expert_references
+from lightning_moe.adapters.pruning import PruneConfig
 from lightning_moe.adapters.quantized import QuantizeConfig
 from lightning_moe.errors import UserInputError
 from lightning_moe.parallel import full_tensor
+from lightning_moe.pruned_base import PrunedBase, prune_model, recovered_adapter_state
 from lightning_moe.quantized_base import quantize_model
 from lightning_moe.router_losses import RouterLoss, RouterLosses
 from lightning_moe.routing_logging import log_routing_statistics
@@ -84,6 +86,8 @@ class AdapterModule(TaskModule):
         routing_log_every_n_steps: How often routing statistics go to the logger.
         quantize: Store the frozen base's linear layers in 4 bits (e.g. {scheme: nf4}); the
             adapters keep the model's dtype (see `lightning_moe.adapters.quantized`).
+        prune: LoRAM: remove MLP channels of the base before training (e.g. {ratio: 0.5}); the
+            exported adapter is recovered to the full model (see `lightning_moe.adapters.pruning`).
         **kwargs: Optimizer, scheduler and compile settings of `TaskModule`.
     """
 
@@ -96,6 +100,7 @@ class AdapterModule(TaskModule):
         extra_lr: float | None = None,
         routing_log_every_n_steps: int = 25,
         quantize: QuantizeConfig | None = None,
+        prune: PruneConfig | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,6 +111,8 @@ class AdapterModule(TaskModule):
         self.extra_lr = extra_lr
         self.routing_log_every_n_steps = routing_log_every_n_steps
         self.quantize = quantize
+        self.prune = prune
+        self.pruned_base: PrunedBase | None = None
         self.injection: InjectionReport | None = None
         self.router_losses: RouterLosses | None = None
         self.base_prints: dict[str, dict] = {}  # taken before sharding, when every weight is whole
@@ -113,6 +120,16 @@ class AdapterModule(TaskModule):
 
     # --- model life cycle -----------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
+        if self.prune is not None:  # before anything attaches: the adapters train on the small model
+            if self.adapter_path or self.quantize:
+                raise UserInputError(
+                    "prune trains fresh adapters on a full-precision pruned base; it takes neither "
+                    "adapter_path (load the recovered adapter on the unpruned model) nor quantize"
+                )
+            try:
+                self.pruned_base = prune_model(model, self.prune, self.adapter_rules, self.init_batches)
+            except AdapterConfigError as error:
+                raise UserInputError(str(error)) from None
         if self.quantize is not None:  # before the adapters attach: they see 4-bit linears
             try:
                 quantize_model(model, self.quantize, self.adapter_rules, self.adapter_path, self.init_batches)
@@ -193,6 +210,9 @@ class AdapterModule(TaskModule):
             return
         if state:
             rules, prints = self.adapter_rules, self.base_prints
+            if self.pruned_base is not None:  # LoRAM: the folder is for the full model
+                state = recovered_adapter_state(self.model, self.pruned_base, state)
+                prints = {name: self.pruned_base.full_prints[name] for name in prints}
             write_adapter(state, self.model, rules, prints, folder, base_model, overwrite, extra)
         else:  # e.g. a projector trained alone
             write_folder_files(folder, extra, {}, overwrite)

@@ -124,10 +124,10 @@ def nf4(weight: Tensor, block_size: int, scaler_block: int) -> Tensor:
     return to_nf4(weight.contiguous(), block_size=block_size, scaler_block_size=scaler_block)
 
 
-def scaler_block_size(numel: int, config: QuantizeConfig) -> int:
+def scaler_block_size(numel: int, config: QuantizeConfig, name: str = "a layer") -> int:
     if numel % config.block_size:
         raise AdapterConfigError(
-            f"quantize block_size={config.block_size} does not divide a weight of {numel} values"
+            f"quantize block_size={config.block_size} does not divide the weight of {name} ({numel} values)"
         )
     blocks = numel // config.block_size
     return math.gcd(blocks, config.scaler_block_size)  # both powers of two up to the block count's
@@ -169,7 +169,7 @@ def quantize_base(
                 f"quantize {config.scheme} takes a float32 or bfloat16 base (float64 in tests); "
                 f"{name!r} is {str(linear.weight.dtype).removeprefix('torch.')}"
             )
-        scaler_block_size(linear.weight.numel(), config)  # every layer is checked before any changes
+        scaler_block_size(linear.weight.numel(), config, repr(name))  # all are checked before any changes
     quantized = {name: QuantizedLinear(linear, config, offsets.get(name)) for name, linear in linears.items()}
     for name, layer in quantized.items():
         parent, _, child = name.rpartition(".")

@@ -159,7 +159,8 @@ def test_every_kind_on_nf4_equals_the_dequantised_reference(make_llama, input_id
 
 
 def test_every_kind_is_covered():
-    assert set(ADAPTER_KINDS) == {*CONFIGS, "xlora", "meteora"} - {"pissa"}
+    # l4q quantises W + s B A itself and refuses a quantised base (tests/adapters/test_l4q.py)
+    assert set(ADAPTER_KINDS) == {*CONFIGS, "xlora", "meteora", "l4q"} - {"pissa"}
 
 
 def test_input_gradient_equals_the_dequantised_reference(make_llama):
@@ -209,7 +210,7 @@ def test_bad_quantize_settings_are_one_error(make_llama):
     with pytest.raises(AdapterConfigError, match="float32 or bfloat16 base .* is float16"):
         quantize_base(make_llama(dtype=torch.float16), NF4)
     model = make_llama()
-    with pytest.raises(AdapterConfigError, match="block_size=2048 does not divide a weight of 1024"):
+    with pytest.raises(AdapterConfigError, match=r"block_size=2048 does not divide the weight of 'model.layers.0.self_attn.q_proj' \(1024 values\)"):
         quantize_base(model, QuantizeConfig(block_size=2048))
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing changed
     with pytest.raises(AdapterConfigError, match="init 'lq_lora' .* set the model's `quantize`"):
