@@ -66,11 +66,19 @@ def bnb_quantize(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name != "lm_head":
             layer = bnb.nn.Linear4bit(
-                module.in_features, module.out_features, bias=module.bias is not None,
-                compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+                compress_statistics=True,
             )
             layer.weight = bnb.nn.Params4bit(
-                module.weight.data, requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True
+                module.weight.data,
+                requires_grad=False,
+                quant_type="nf4",
+                blocksize=64,
+                compress_statistics=True,
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.to("cpu"))
@@ -81,7 +89,9 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     total = tensor.numel() * tensor.element_size()
     state = getattr(tensor, "quant_state", None)
     if state is not None:
-        extra = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.nested else [])
+        extra = [state.absmax, state.code] + (
+            [state.state2.absmax, state.state2.code] if state.nested else []
+        )
         total += sum(t.numel() * t.element_size() for t in extra)
     return total
 

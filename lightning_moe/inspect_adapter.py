@@ -83,7 +83,9 @@ def describe_folder(folder: Path) -> dict[str, Any]:
             "digest": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16],
             "storage": sorted({describe_storage(prints) for prints in fingerprint.values()}),
             "reconstruction_error": {
-                name: prints["relative_error"] for name, prints in fingerprint.items() if "relative_error" in prints
+                name: prints["relative_error"]
+                for name, prints in fingerprint.items()
+                if "relative_error" in prints
             },
         },
     }

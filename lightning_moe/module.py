@@ -176,7 +176,9 @@ class AdapterModule(TaskModule):
         """The batches a data-driven init reads (process 0's share of the training data, on
         every process) and the forward it calls: batch -> (task loss, token mask)."""
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
-            raise UserInputError("a data-driven init (eva, lora_ga, lq_weighting: activations) runs only in `fit`")
+            raise UserInputError(
+                "a data-driven init (eva, lora_ga, lq_weighting: activations) runs only in `fit`"
+            )
         loader = first_process_batches(
             self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else self.train_dataloader()
         )

@@ -14,7 +14,13 @@ from lightning_moe.adapters.adapter_folder import layer_fingerprint
 from lightning_moe.adapters.data_init import input_rms
 from lightning_moe.adapters.inject import adapted_layers, plan_injection
 from lightning_moe.adapters.layer import build_adapter
-from lightning_moe.adapters.pruning import PruneConfig, channel_scores, prunable_mlps, prune_mlps, recover_state
+from lightning_moe.adapters.pruning import (
+    PruneConfig,
+    channel_scores,
+    prunable_mlps,
+    prune_mlps,
+    recover_state,
+)
 from lightning_moe.adapters.rules import AdapterRule
 from lightning_moe.quantized_base import Calibration
 
@@ -29,7 +35,9 @@ class PrunedBase:
     full_prints: dict[str, dict]
 
 
-def prune_model(model: nn.Module, config: PruneConfig, rules: list[AdapterRule], calibration: Calibration) -> PrunedBase:
+def prune_model(
+    model: nn.Module, config: PruneConfig, rules: list[AdapterRule], calibration: Calibration
+) -> PrunedBase:
     mlps = prunable_mlps(model, config)
     consumers = {f"{name}.{config.consumer}": mlp for name, mlp in mlps.items()}
     rms = {}
@@ -40,9 +48,13 @@ def prune_model(model: nn.Module, config: PruneConfig, rules: list[AdapterRule],
     scores = {
         name: channel_scores(mlp, config, rms.get(f"{name}.{config.consumer}")) for name, mlp in mlps.items()
     }
-    full_prints = {name: layer_fingerprint(model.get_submodule(name)) for name in plan_injection(model, rules)}
+    full_prints = {
+        name: layer_fingerprint(model.get_submodule(name)) for name in plan_injection(model, rules)
+    }
     before = sum(p.numel() for p in model.parameters())
-    features = {name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    features = {
+        name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
     kept = prune_mlps(model, config, scores)
     after = sum(p.numel() for p in model.parameters())
     channels = [channels.numel() for name, channels in kept.items() if name.endswith(config.consumer)]
@@ -54,13 +66,19 @@ def prune_model(model: nn.Module, config: PruneConfig, rules: list[AdapterRule],
     return PrunedBase(kept, {name: features[name] for name in kept}, full_prints)
 
 
-def recovered_adapter_state(model: nn.Module, pruned: PrunedBase, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def recovered_adapter_state(
+    model: nn.Module, pruned: PrunedBase, state: dict[str, Tensor]
+) -> dict[str, Tensor]:
     """The (gathered) adapter `state` of the pruned `model` at the full model's shapes: each
     layer's shapes are those of a fresh adapter of its config on a full-size linear."""
     full_shapes = {}
     for name, layer in adapted_layers(model):
         size = pruned.full_features.get(name)
-        linear = layer.base_layer if size is None else nn.Linear(*size, bias=False, dtype=layer.base_layer.weight.dtype)
+        linear = (
+            layer.base_layer
+            if size is None
+            else nn.Linear(*size, bias=False, dtype=layer.base_layer.weight.dtype)
+        )
         with torch.random.fork_rng(devices=[]):
             fresh = build_adapter(layer.config, linear)
         full_shapes |= {f"{name}.{key}": value.shape for key, value in fresh.state_dict().items()}

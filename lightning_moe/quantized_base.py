@@ -35,7 +35,9 @@ def lq_lora_offsets(
     """LQ-LoRA's (A0, B0) for every layer that asks for it, weighted by calibration inputs where
     its rule says `lq_weighting: activations`."""
     layers = lq_lora_layers(model, rules)
-    weighted = {name: model.get_submodule(name) for name, c in layers.items() if c.lq_weighting == "activations"}
+    weighted = {
+        name: model.get_submodule(name) for name, c in layers.items() if c.lq_weighting == "activations"
+    }
     column_weights = {}
     if weighted:
         batches, forward = calibration()
@@ -50,7 +52,7 @@ def lq_lora_offsets(
         offsets[name] = (a0, b0)
         errors.append((trace[0], min(trace)))
     if errors:
-        first, best = (sum(column) / len(errors) for column in zip(*errors))
+        first, best = (sum(column) / len(errors) for column in zip(*errors, strict=True))
         rank_zero_info(
             f"LQ-LoRA split of {len(errors)} layers: mean relative (weighted) error {first:.4f} after the "
             f"first alternation, {best:.4f} at the best one"
@@ -67,7 +69,11 @@ def quantize_model(
 ) -> dict[str, QuantizedLinear]:
     """Quantise `model`'s base in place: with LQ-LoRA's split for a fresh run, with the split an
     adapter folder recorded when one is loaded."""
-    offsets = read_base_offsets(adapter_path) if adapter_path else lq_lora_offsets(model, config, rules, calibration)
+    offsets = (
+        read_base_offsets(adapter_path)
+        if adapter_path
+        else lq_lora_offsets(model, config, rules, calibration)
+    )
     layers = quantize_base(model, config, offsets)
     rank_zero_info(quantization_summary(layers))
     return layers

@@ -1,7 +1,8 @@
 """`python -m lightning_moe export-quantized ADAPTER --output DIR`: an L4Q adapter merged into
 its base and written as b-bit integer codes with their step sizes; `--compare` also validates the
 model three ways on the fit config's data: as trained (Q(W + s B A), unmerged), unquantised
-(W + s B A) and from the written codes (the merged quantised model)."""
+(W + s B A) and from the written codes (the merged quantised model), printed as a table and
+written to compare.json in the export."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Tensor]]:
             codes, steps = layer.adapter.integer_codes(layer.base_layer.weight)
             layers[name] = {"codes": codes, "step_size": steps}
     if not layers:
-        raise UserInputError("the adapter has no l4q layers: export-quantized writes quantisation-aware adapters")
+        raise UserInputError(
+            "the adapter has no l4q layers: export-quantized writes quantisation-aware adapters"
+        )
     return layers
 
 
@@ -42,7 +45,9 @@ def write_export(model: nn.Module, folder: str, overwrite: bool = False) -> Path
         for name, layer in adapted_layers(model)
         if name in layers
     }
-    return write_folder_files(folder, {CODES_FILE: tensors}, {CONFIG_FILE: json.dumps(config, indent=2)}, overwrite)
+    return write_folder_files(
+        folder, {CODES_FILE: tensors}, {CONFIG_FILE: json.dumps(config, indent=2)}, overwrite
+    )
 
 
 @torch.no_grad()
@@ -61,13 +66,17 @@ def load_export(model: nn.Module, folder: str | Path) -> int:
 
 def compare(task, datamodule, folder: Path) -> dict[str, dict[str, float]]:
     """Validation metrics as trained, unquantised, and from the written codes."""
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     results = {"L4Q as trained (unmerged)": trainer.validate(task, datamodule, verbose=False)[0]}
     set_fake_quantization(task.model, False)
     results["W + s B A, unquantised"] = trainer.validate(task, datamodule, verbose=False)[0]
     with adapters_disabled(task.model):
         load_export(task.model, folder)
-        results["merged and quantised (from the export)"] = trainer.validate(task, datamodule, verbose=False)[0]
+        results["merged and quantised (from the export)"] = trainer.validate(task, datamodule, verbose=False)[
+            0
+        ]
     return results
 
 
@@ -76,8 +85,15 @@ def main(args: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="python -m lightning_moe export-quantized", description=__doc__)
     parser.add_argument("adapter_dir", type=str, help="A saved adapter folder with l4q layers.")
     parser.add_argument("--output", type=str, required=True, help="The new folder (must not hold an export).")
-    parser.add_argument("--base", nargs="+", default=None, help="Fit config file(s) of the base (default: the run's config.yaml).")
-    parser.add_argument("--compare", action=ActionYesNo, default=False, help="Validate the three ways on the config's data.")
+    parser.add_argument(
+        "--base",
+        nargs="+",
+        default=None,
+        help="Fit config file(s) of the base (default: the run's config.yaml).",
+    )
+    parser.add_argument(
+        "--compare", action=ActionYesNo, default=False, help="Validate the three ways on the config's data."
+    )
     parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="Replace an existing export.")
     settings = parser.parse_args(args)
     folder = Path(settings.adapter_dir)
@@ -90,6 +106,7 @@ def main(args: list[str] | None = None) -> dict:
     report = {"output": str(written)}
     if settings.compare:
         report["metrics"] = compare(task, datamodule, written)
+        (written / "compare.json").write_text(json.dumps(report["metrics"], indent=2))
         names = sorted({key for metrics in report["metrics"].values() for key in metrics})
         print("| model | " + " | ".join(names) + " |")
         print("|---|" + "---:|" * len(names))

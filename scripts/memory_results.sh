@@ -33,5 +33,24 @@ for seed in "${SEEDS[@]}"; do
     fit mole_fp32 "$seed" $MOLE
     fit mole_nf4 "$seed" $MOLE --config configs/memory/nf4_mole.yaml
   fi
-  if wants lq; then fit lq_lora "$seed" $LORA --config configs/memory/lq_lora.yaml; fi
+  if wants lq; then
+    fit lq_lora "$seed" $LORA --config configs/memory/lq_lora.yaml
+    fit lq_mole "$seed" $MOLE --config configs/memory/lq_mole.yaml
+  fi
+  if wants l4q; then  # trained quantisation-aware, then the merged quantised model from its codes
+    fit l4q "$seed" $LORA --config configs/memory/l4q.yaml
+    timed "l4q-s$seed-export" $PY -m lightning_moe export-quantized $OUT/l4q/s$seed/adapter \
+      --output $OUT/l4q/s$seed/quantized --compare --overwrite
+  fi
+  if wants loram; then  # trained on the pruned base (its own validation), then the full model
+    for run in "loram_50 $LORA" "loram_30 $LORA" "mole_loram_50 $MOLE"; do
+      read -r name configs <<<"$run"
+      fit "$name" "$seed" $configs --config configs/memory/${name#mole_}.yaml
+      timed "$name-s$seed-full" $PY -m lightning_moe validate $configs \
+        --model.init_args.adapter_path=$OUT/$name/s$seed/adapter \
+        --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="${name}_full" \
+        --trainer.logger.init_args.version="s$seed"
+    done
+  fi
 done
+$PY scripts/memory_table.py $OUT

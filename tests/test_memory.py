@@ -48,7 +48,14 @@ def test_nf4_lq_lora_resumes_exactly_and_its_folder_needs_the_same_base(tmp_path
     saved = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert saved and all(".adapter." in key for key in saved)
     # validating the folder rebuilds the same Q (a run config that forgets `quantize` is refused)
-    args = ["validate", "--config", SMOKE, *SMALL_RUN, f"--model.init_args.adapter_path={folder}", "--trainer.logger=false"]
+    args = [
+        "validate",
+        "--config",
+        SMOKE,
+        *SMALL_RUN,
+        f"--model.init_args.adapter_path={folder}",
+        "--trainer.logger=false",
+    ]
     scores = main([*args, NF4]).trainer.callback_metrics["val/loss"]
     assert torch.isfinite(scores)
     with pytest.raises(SystemExit, match="error: .*trained on a base stored as nf4 .* is not quantised"):
@@ -62,7 +69,10 @@ def test_loram_exports_an_adapter_for_the_full_model(tmp_path, monkeypatch):
     pruned = cli.model.model
     assert pruned.model.layers[0].mlp.up_proj.base_layer.out_features == 64  # of 128
     (checkpoint,) = (run_dir("loram") / "checkpoints").glob("*step=2.ckpt")
-    trained = {k.removeprefix("model."): v for k, v in torch.load(checkpoint, weights_only=False)["state_dict"].items()}
+    trained = {
+        k.removeprefix("model."): v
+        for k, v in torch.load(checkpoint, weights_only=False)["state_dict"].items()
+    }
     folder = run_dir("loram") / "adapter"
     full = full_base(cli)
     load_adapter(full, folder)  # the full model's fingerprint and shapes
@@ -106,11 +116,29 @@ def test_l4q_export_is_the_model_that_trained(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ((NF4, "--model.init_args.prune={ratio: 0.5}"), "prune trains fresh adapters .* neither adapter_path .* nor quantize"),
-        (("--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: lora, init: lq_lora}}]",), "init 'lq_lora' .* set the model's `quantize`"),
-        ((NF4, "--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: l4q}}]"), "l4q.* needs the full-precision W"),
-        ((NF4, "--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: lora, init: lora_ga}}]"), "init 'lora_ga' needs the full-weight gradient"),
-        (("--model.init_args.quantize={scheme: nf4, block_size: 4096}",), "block_size=4096 does not divide the weight of 'model.layers.0.self_attn.k_proj' \\(2048 values\\)"),
+        (
+            (NF4, "--model.init_args.prune={ratio: 0.5}"),
+            "prune trains fresh adapters .* neither adapter_path .* nor quantize",
+        ),
+        (
+            ("--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: lora, init: lq_lora}}]",),
+            "init 'lq_lora' .* set the model's `quantize`",
+        ),
+        (
+            (NF4, "--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: l4q}}]"),
+            "l4q.* needs the full-precision W",
+        ),
+        (
+            (
+                NF4,
+                "--model.init_args.adapters=[{targets: [mlp.up_proj], adapter: {kind: lora, init: lora_ga}}]",
+            ),
+            "init 'lora_ga' needs the full-weight gradient",
+        ),
+        (
+            ("--model.init_args.quantize={scheme: nf4, block_size: 4096}",),
+            "block_size=4096 does not divide the weight of 'model.layers.0.self_attn.k_proj' \\(2048 values\\)",
+        ),
         (("--model.init_args.prune={ratio: 0.99}",), "leaves no channel of 128"),
     ],
 )

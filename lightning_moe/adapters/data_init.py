@@ -224,7 +224,9 @@ def _layer_inputs(layers: dict[str, nn.Module], batch: Any, forward: Forward) ->
     return rows
 
 
-def input_rms(layers: dict[str, nn.Module], batches: Iterable, forward: Forward, count: int) -> dict[str, Tensor]:
+def input_rms(
+    layers: dict[str, nn.Module], batches: Iterable, forward: Forward, count: int
+) -> dict[str, Tensor]:
     """Each layer's root mean square input per column over the unmasked tokens of `count`
     batches: the column weights of LQ-LoRA's `lq_weighting: activations`."""
     squares: dict[str, Tensor] = {}
@@ -234,7 +236,9 @@ def input_rms(layers: dict[str, nn.Module], batches: Iterable, forward: Forward,
             squares[name] = squares.get(name, 0) + rows.double().square().sum(0)
             tokens[name] += rows.shape[0]
     if not squares:
-        raise AdapterConfigError("lq_weighting 'activations' needs calibration batches; the training data gave none")
+        raise AdapterConfigError(
+            "lq_weighting 'activations' needs calibration batches; the training data gave none"
+        )
     return {name: (squares[name] / tokens[name]).sqrt() for name in layers}
 
 

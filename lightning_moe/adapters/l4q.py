@@ -48,7 +48,9 @@ class L4QConfig(LoraConfig):
         if not 2 <= self.bits <= 8:
             raise AdapterConfigError(f"bits must be between 2 and 8, got bits={self.bits}")
         if self.group_size < 0:
-            raise AdapterConfigError(f"group_size must be >= 0 (0: a whole row), got group_size={self.group_size}")
+            raise AdapterConfigError(
+                f"group_size must be >= 0 (0: a whole row), got group_size={self.group_size}"
+            )
 
     @property
     def levels(self) -> tuple[int, int]:

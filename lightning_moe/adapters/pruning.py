@@ -96,7 +96,13 @@ def prune_mlps(model: nn.Module, config: PruneConfig, scores: dict[str, Tensor])
             rows = child != config.consumer
             weight = linear.weight.index_select(0 if rows else 1, channels)
             bias = linear.bias if linear.bias is None or not rows else linear.bias.index_select(0, channels)
-            smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            smaller = nn.Linear(
+                weight.shape[1],
+                weight.shape[0],
+                bias=bias is not None,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
             smaller.weight.copy_(weight)
             if bias is not None:
                 smaller.bias.copy_(bias)
@@ -130,5 +136,7 @@ def recover_state(
     recovered = {}
     for key, tensor in pruned_state.items():
         layer = next((name for name in kept if key.startswith(f"{name}.")), None)
-        recovered[key] = tensor if layer is None else recover_tensor(tensor, full_shapes[key], kept[layer], key)
+        recovered[key] = (
+            tensor if layer is None else recover_tensor(tensor, full_shapes[key], kept[layer], key)
+        )
     return recovered

@@ -77,7 +77,9 @@ class QuantizedLinear(nn.Linear):
     adapter fingerprint; `relative_error` is ||W - dequantised - offset|| / ||W||.
     """
 
-    def __init__(self, linear: nn.Linear, config: QuantizeConfig, offset: tuple[Tensor, Tensor] | None = None):
+    def __init__(
+        self, linear: nn.Linear, config: QuantizeConfig, offset: tuple[Tensor, Tensor] | None = None
+    ):
         nn.Module.__init__(self)
         self.train(linear.training)
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -62,8 +62,13 @@ def test_forward_and_gradients_match_the_formulas():
         adapter.step_size.mul_(0.4)
     x = torch.randn(5, 16, dtype=torch.float64)
     expected, upstream, codes, grads = reference(
-        layer.base_layer.weight, layer.base_layer.bias, adapter.lora_A, adapter.lora_B,
-        adapter.step_size.detach(), x, adapter.scaling,
+        layer.base_layer.weight,
+        layer.base_layer.bias,
+        adapter.lora_A,
+        adapter.lora_B,
+        adapter.step_size.detach(),
+        x,
+        adapter.scaling,
     )
     assert (codes == -8).any() or (codes == 7).any()
     out = model(x)

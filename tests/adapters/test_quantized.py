@@ -87,7 +87,9 @@ def test_quantize_base_skips_tied_and_skipped_linears(make_llama):
     full = base_bytes(model)
     layers = quantize_base(model, QuantizeConfig(skip=[r"layers\.1\.mlp"]))
     assert "lm_head" not in layers and "model.layers.1.mlp.up_proj" not in layers
-    assert len(layers) == 2 * 7 - 3 and all(not p.requires_grad for q in layers.values() for p in q.parameters())
+    assert len(layers) == 2 * 7 - 3 and all(
+        not p.requires_grad for q in layers.values() for p in q.parameters()
+    )
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantizedLinear)
     assert base_bytes(model) < full
 
@@ -96,7 +98,11 @@ CONFIGS = {
     "lora": [AdapterRule(targets=ALL, adapter=LoraConfig(rank=4, dropout=0.0))],
     "pissa": [AdapterRule(targets=["q_proj", "up_proj"], adapter=LoraConfig(rank=3, init="pissa"))],
     "moe": [AdapterRule(targets=["up_proj", "down_proj"], adapter=MoEConfig(rank=4, num_experts=3, top_k=2))],
-    "task_moe": [AdapterRule(targets=["up_proj"], adapter=TaskMoEConfig(rank=4, num_experts=3, num_tasks=2, freeze_per_task=1))],
+    "task_moe": [
+        AdapterRule(
+            targets=["up_proj"], adapter=TaskMoEConfig(rank=4, num_experts=3, num_tasks=2, freeze_per_task=1)
+        )
+    ],
     "codyra": [AdapterRule(targets=["q_proj", "down_proj"], adapter=CodyraConfig(rank=4))],
     "mora": [AdapterRule(targets=["q_proj", "up_proj"], adapter=MoraConfig(rank=4, num_tasks=2))],
     "dylora": [AdapterRule(targets=["q_proj", "v_proj"], adapter=DyLoraConfig(rank=4))],
@@ -210,7 +216,10 @@ def test_bad_quantize_settings_are_one_error(make_llama):
     with pytest.raises(AdapterConfigError, match="float32 or bfloat16 base .* is float16"):
         quantize_base(make_llama(dtype=torch.float16), NF4)
     model = make_llama()
-    with pytest.raises(AdapterConfigError, match=r"block_size=2048 does not divide the weight of 'model.layers.0.self_attn.q_proj' \(1024 values\)"):
+    with pytest.raises(
+        AdapterConfigError,
+        match=r"block_size=2048 does not divide the weight of 'model.layers.0.self_attn.q_proj' \(1024 values\)",
+    ):
         quantize_base(model, QuantizeConfig(block_size=2048))
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing changed
     with pytest.raises(AdapterConfigError, match="init 'lq_lora' .* set the model's `quantize`"):
