@@ -9,7 +9,7 @@ LOGDIR ?= runs
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
-.PHONY: install test test-cpus demo lint tb bench bench-rl clean-venv
+.PHONY: install test test-cpus demo lint tb bench bench-rl bench-memory clean-venv
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: install
 	$(PY) benchmarks/lora_mixtures.py --output docs/benchmarks_mixtures.md
 	$(PY) benchmarks/end_to_end.py --output docs/benchmarks_end_to_end.md
 	$(PY) benchmarks/continual_adapters.py --output docs/benchmarks_continual.md
+
+# bitsandbytes is the baseline of one benchmark (peft's QLoRA), not a dependency of the project
+bench-memory: install
+	$(PY) -m pip install -c requirements/lock.txt bitsandbytes==0.50.2
+	$(PY) benchmarks/memory.py --output docs/benchmarks_memory.md
 
 # TRL is a dev-only dependency of one benchmark: its own venv, our pins plus trl and datasets
 TRL_VENV ?= .venv-trl

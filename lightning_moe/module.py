@@ -120,6 +120,11 @@ class AdapterModule(TaskModule):
 
     # --- model life cycle -----------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
+        if self.quantize is not None and self.device_mesh is not None:
+            raise UserInputError(
+                "quantize does not shard under FSDP2 yet: torchao's NF4 tensor splits only when every "
+                "layer's count of scales divides the number of processes; use the DDP strategy"
+            )
         if self.prune is not None:  # before anything attaches: the adapters train on the small model
             if self.adapter_path or self.quantize:
                 raise UserInputError(
