@@ -1,6 +1,6 @@
 """The frozen base in 4 bits against full precision: bytes of the base, peak memory of a training
-step and its time, for our LoRA and MoLE and for peft's LoRA and QLoRA (bitsandbytes), as ratios
-to our fp32 LoRA.
+step and its time, for our LoRA and MoLE, LoRAM's pruned base and L4Q's quantisation-aware
+step, and for peft's LoRA and QLoRA (bitsandbytes), as ratios to our fp32 LoRA.
 
     python benchmarks/memory.py --output docs/benchmarks_memory.md      # make bench-memory
 
@@ -31,7 +31,8 @@ from timing import measure, publish, ratio_table
 from torch import nn
 from whole_model import LINEARS, base_model
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject
+from lightning_moe.adapters import AdapterRule, L4QConfig, LoraConfig, MoEConfig, inject
+from lightning_moe.adapters.pruning import PruneConfig, channel_scores, prunable_mlps, prune_mlps
 from lightning_moe.adapters.quantized import QuantizeConfig, QuantizedLinear, base_bytes, quantize_base
 
 RANK, ALPHA = 8, 16
@@ -39,11 +40,20 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def ours(mixture: bool, quantize: QuantizeConfig | None) -> nn.Module:
+def ours(
+    mixture: bool, quantize: QuantizeConfig | None = None, prune: float = 0.0, l4q: bool = False
+) -> nn.Module:
     model = base_model()
+    if prune:
+        config = PruneConfig(ratio=prune)
+        prune_mlps(
+            model,
+            config,
+            {name: channel_scores(m, config) for name, m in prunable_mlps(model, config).items()},
+        )
     if quantize is not None:
         quantize_base(model, quantize)
-    lora = LoraConfig(rank=RANK, alpha=ALPHA)
+    lora = L4QConfig(rank=RANK, alpha=ALPHA) if l4q else LoraConfig(rank=RANK, alpha=ALPHA)
     mlp = MoEConfig(rank=RANK, alpha=ALPHA, num_experts=4, top_k=1) if mixture else lora
     inject(model, [AdapterRule(ATTENTION, lora), AdapterRule(MLP, mlp)])
     return model
@@ -122,9 +132,11 @@ def block_linear_bytes(model: nn.Module) -> int:
 
 
 VARIANTS = {
-    "ours LoRA fp32": lambda: ours(False, None),
+    "ours LoRA fp32": lambda: ours(False),
     "ours LoRA NF4": lambda: ours(False, QuantizeConfig()),
-    "ours MoLE fp32": lambda: ours(True, None),
+    "ours LoRA, LoRAM 50 % pruned fp32": lambda: ours(False, prune=0.5),
+    "ours L4Q (4-bit QAT) fp32": lambda: ours(False, l4q=True),
+    "ours MoLE fp32": lambda: ours(True),
     "ours MoLE NF4": lambda: ours(True, QuantizeConfig()),
     "peft LoRA fp32": lambda: peft_lora(False),
     "peft QLoRA (bitsandbytes NF4)": lambda: peft_lora(True),
