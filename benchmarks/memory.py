@@ -134,6 +134,7 @@ def block_linear_bytes(model: nn.Module) -> int:
 VARIANTS = {
     "ours LoRA fp32": lambda: ours(False),
     "ours LoRA NF4": lambda: ours(False, QuantizeConfig()),
+    "ours LoRA NF4 + NF4 embeddings": lambda: ours(False, QuantizeConfig(embeddings=True)),
     "ours LoRA, LoRAM 50 % pruned fp32": lambda: ours(False, prune=0.5),
     "ours L4Q (4-bit QAT) fp32": lambda: ours(False, l4q=True),
     "ours MoLE fp32": lambda: ours(True),

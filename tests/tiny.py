@@ -298,6 +298,7 @@ TINY_OVERLAYS = [
     ("mixtures/*", ["reasoning"]),
     ("inits/*", ["reasoning"]),
     ("memory/l4q.yaml", ["reasoning", "memory_l4q"]),
+    ("memory/nf4_embeddings.yaml", ["reasoning", "memory_embeddings"]),
     ("memory/*", ["reasoning"]),
     ("rl/*", ["reasoning", "rl"]),
     ("multimodal/*", ["multimodal"]),

@@ -50,13 +50,18 @@ class QuantizeConfig:
             whose block count it does not divide takes the largest power of two that does (e.g.
             SmolLM2's 576x192 projections have 1728 blocks: 64).
         skip: Regular expressions of module names kept in full precision (the output head by
-            default); a linear whose weight is tied to an embedding is always kept.
+            default); a linear whose weight is tied to an embedding is kept too, unless
+            `embeddings` quantises both.
+        embeddings: Also store the input embeddings in NF4 (a lookup dequantises only its rows);
+            an output head tied to them computes with the same 4-bit table. For small models,
+            whose embedding table is a large share of the base (SmolLM2-135M: 21 %).
     """
 
     scheme: Literal["nf4"] = "nf4"
     block_size: int = 64
     scaler_block_size: int = 256
     skip: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
+    embeddings: bool = False
 
     schemes: ClassVar[tuple[str, ...]] = ("nf4",)
 
@@ -93,6 +98,7 @@ class QuantizedLinear(nn.Linear):
             "block_size": config.block_size,
             "scaler_block_size": scaler_block,
             "low_rank": 0 if offset is None else int(offset[0].shape[0]),
+            "embeddings": config.embeddings,  # the rest of the base the adapter was trained with
         }
         if offset is not None:
             self.register_buffer("offset_A", offset[0].to(weight.dtype).contiguous())
@@ -108,11 +114,7 @@ class QuantizedLinear(nn.Linear):
         return self.offset_B @ self.offset_A if self.quantization["low_rank"] else None
 
     def stored_bytes(self) -> int:
-        """Bytes of the weight as stored (codes, int8 scales and their factors) plus bias and offset."""
-        inner, _ = self.weight.__tensor_flatten__()
-        tensors = [getattr(self.weight, name) for name in inner] + [b for b in self.buffers()]
-        tensors += [] if self.bias is None else [self.bias]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return stored_bytes(self)
 
     def extra_repr(self) -> str:
         q = self.quantization
@@ -120,10 +122,54 @@ class QuantizedLinear(nn.Linear):
         return f"{self.in_features}, {self.out_features}, {q['scheme']}, block={q['block_size']}{low_rank}"
 
 
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of a quantised module as stored: its NF4 weight's codes, int8 scales and their
+    factors, plus its other tensors (bias, LQ-LoRA offset)."""
+    inner, _ = module.weight.__tensor_flatten__()
+    tensors = [getattr(module.weight, name) for name in inner]
+    tensors += [t for name, t in [*module.named_parameters(), *module.named_buffers()] if name != "weight"]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def nf4(weight: Tensor, block_size: int, scaler_block: int) -> Tensor:
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
     return to_nf4(weight.contiguous(), block_size=block_size, scaler_block_size=scaler_block)
+
+
+class QuantizedEmbedding(nn.Embedding):
+    """An nn.Embedding whose frozen table is an NF4Tensor; a lookup dequantises only its rows."""
+
+    def __init__(self, embedding: nn.Embedding, config: QuantizeConfig) -> None:
+        nn.Module.__init__(self)
+        self.train(embedding.training)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.max_norm, self.sparse = embedding.padding_idx, None, False
+        self.norm_type, self.scale_grad_by_freq = embedding.norm_type, embedding.scale_grad_by_freq
+        if self.embedding_dim % config.block_size:
+            raise AdapterConfigError(
+                f"quantize embeddings: block_size={config.block_size} does not divide the embedding width {self.embedding_dim}"
+            )
+        table = embedding.weight.detach()
+        self.weight = nn.Parameter(
+            nf4(table, config.block_size, scaler_block_size(table.numel(), config)), requires_grad=False
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return dequantized_rows(self.weight, ids)
+
+
+def dequantized_rows(weight: Tensor, rows: Tensor) -> Tensor:
+    """weight.get_original_weight()[rows] of a 2-D NF4Tensor, decoding only those rows: two codes
+    per byte (high nibble first) looked up in the 16 NF4 levels, times each block's scale."""
+    out_features, width = weight.shape
+    scales = weight.dequantize_scalers(
+        weight.quantized_scalers, weight.quantization_factor, weight.scaler_block_size
+    )
+    packed = weight.quantized_data.view(out_features, width // 2)[rows]
+    codes = torch.stack([packed >> 4, packed & 0b1111], dim=-1).flatten(-2).long()
+    block_scales = scales.view(out_features, width // weight.block_size)[rows]
+    return (weight.nf4[codes] * block_scales.repeat_interleave(weight.block_size, dim=-1)).to(weight.dtype)
 
 
 def scaler_block_size(numel: int, config: QuantizeConfig, name: str = "a layer") -> int:
@@ -173,10 +219,25 @@ def quantize_base(
             )
         scaler_block_size(linear.weight.numel(), config, repr(name))  # all are checked before any changes
     quantized = {name: QuantizedLinear(linear, config, offsets.get(name)) for name, linear in linears.items()}
+    if config.embeddings:
+        quantize_embeddings(model, config)
     for name, layer in quantized.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     return quantized
+
+
+def quantize_embeddings(model: nn.Module, config: QuantizeConfig) -> None:
+    """Every nn.Embedding as a QuantizedEmbedding; a linear tied to one takes its 4-bit table."""
+    for name, embedding in list(model.named_modules()):
+        if type(embedding) is not nn.Embedding:
+            continue
+        tied = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is embedding.weight]
+        quantized = QuantizedEmbedding(embedding, config)
+        for linear in tied:  # F.linear on the NF4 table: dequantised per call, like any 4-bit linear
+            linear.weight = quantized.weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quantized)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
@@ -186,8 +247,9 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
 def base_bytes(model: nn.Module) -> int:
     """Bytes of the base model's tensors (quantised weights as stored), adapters (modules named
     `adapter`, as `AdaptedLinear` names them) excluded."""
-    layers = quantized_layers(model).values()
-    total = sum(layer.stored_bytes() for layer in layers)
+    layers = [*quantized_layers(model).values()]
+    layers += [m for m in model.modules() if isinstance(m, QuantizedEmbedding)]
+    total = sum(stored_bytes(layer) for layer in layers)
     seen = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
     named = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in named:

@@ -33,11 +33,14 @@ from lightning_moe.adapters.adapter_folder import (
 )
 from lightning_moe.adapters.quantized import (
     QuantizeConfig,
+    QuantizedEmbedding,
     QuantizedLinear,
     base_bytes,
+    dequantized_rows,
     lq_decompose,
     nf4,
     quantize_base,
+    quantized_layers,
 )
 from tests.tolerances import assert_same_maths
 
@@ -285,3 +288,34 @@ def test_lq_lora_starts_at_q_plus_l_and_its_folder_rebuilds_q(make_llama, input_
     assert torch.equal(rebuilt(input_ids).logits, model(input_ids).logits)
     with pytest.raises(AdapterCheckpointError, match="rank-4 LQ-LoRA part"):
         load_adapter(quantized_llama(make_llama), folder)
+
+
+def test_quantized_embeddings_decode_rows_and_feed_the_tied_head(make_llama, input_ids, randomize):
+    config = QuantizeConfig(block_size=32, embeddings=True)
+    model = make_llama(dtype=torch.float64)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    full = base_bytes(model)
+    quantize_base(model, config)
+    table = model.model.embed_tokens.weight
+    assert model.lm_head.weight is table and isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert torch.equal(dequantized_rows(table, input_ids), table.get_original_weight()[input_ids])
+    assert base_bytes(model) < 0.2 * full
+    reference = make_llama(dtype=torch.float64)
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.copy_(table.get_original_weight())
+        reference.lm_head.weight = reference.model.embed_tokens.weight
+        for name, module in model.named_modules():
+            if isinstance(module, QuantizedLinear):
+                reference.get_submodule(name).weight.copy_(module.dequantized_weight())
+    rules = CONFIGS["lora"]
+    inject(model, rules)
+    inject(reference, rules)
+    randomize(model, seed=4)
+    copy_adapter_tensors(adapted_layers(reference), adapter_state_dict(model), "the 4-bit model")
+    (logits, grads), (expected, expected_grads) = step(model, input_ids), step(reference, input_ids)
+    assert_same_maths(logits, expected)
+    for name, grad in expected_grads.items():
+        assert_same_maths(grads[name], grad, msg=name)
+    assert all(layer.quantization["embeddings"] for layer in quantized_layers(model).values())
+    with pytest.raises(AdapterConfigError, match="block_size=64 does not divide the embedding width 32"):
+        quantize_base(make_llama(), QuantizeConfig(embeddings=True))
