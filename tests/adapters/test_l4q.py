@@ -105,13 +105,17 @@ def test_unquantised_switch_computes_w_plus_lora():
     assert (model(x) - x @ lora.T - layer.base_layer.bias).abs().max() > 1e-4
 
 
-def test_initial_steps_follow_lsq_and_the_start_is_quantised_w():
+@pytest.mark.parametrize("step_init", ["absmax", "lsq"])
+def test_initial_steps(step_init):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 6)).double()
-    inject(model, [AdapterRule(targets=["0"], adapter=CONFIG)])
-    weight = model[0].base_layer.weight
-    expected = 2 * weight.detach().abs().reshape(6, 2, 8).mean(-1) / 7**0.5
+    inject(model, [AdapterRule(targets=["0"], adapter=L4QConfig(group_size=8, step_init=step_init))])
+    groups = model[0].base_layer.weight.detach().abs().reshape(6, 2, 8)
+    expected = groups.amax(-1) / 7 if step_init == "absmax" else 2 * groups.mean(-1) / 7**0.5
     assert_same_maths(model[0].adapter.step_size.detach(), expected)
+    if step_init == "absmax":  # no weight is clipped at the start: codes reach -7..7 at most
+        codes, _ = model[0].adapter.integer_codes(model[0].base_layer.weight)
+        assert codes.abs().max() == 7
 
 
 def test_round_trip_keeps_steps(tmp_path):
