@@ -21,10 +21,14 @@ METRICS = ["val/strict_match", "val/flexible_match", "val/loss"]
 ROWS = [
     ("LoRA", "fp32 base", "lora_fp32"),
     ("LoRA", "NF4 base", "lora_nf4"),
+    ("LoRA", "NF4 base and embeddings", "nf4_embeddings"),
     ("LoRA", "LQ-LoRA (NF4 Q + L)", "lq_lora"),
+    ("LoRA", "LQ-LoRA, lr 3e-4", "lq_lora_lr3e-4"),
     ("LoRA", "L4Q, as trained", "l4q"),
     ("LoRA", "LoRAM 50 % (magnitude), pruned", "loram_50"),
-    ("LoRA", "LoRAM 50 %, full model + recovered", "loram_50_full"),
+    ("LoRA", "LoRAM 50 % (magnitude), full model + recovered", "loram_50_full"),
+    ("LoRA", "LoRAM 50 % (calibration), pruned", "loram_50_calibration"),
+    ("LoRA", "LoRAM 50 % (calibration), full model + recovered", "loram_50_calibration_full"),
     ("LoRA", "LoRAM 30 % (calibration), pruned", "loram_30"),
     ("LoRA", "LoRAM 30 %, full model + recovered", "loram_30_full"),
     ("MoLE", "fp32 base", "mole_fp32"),
@@ -56,7 +60,7 @@ def table(root: Path) -> list[str]:
         "|---|---|---:|" + "---:|" * len(METRICS),
     ]
     rows = list(ROWS)
-    rows.insert(4, ("LoRA", "L4Q, merged and quantised (from the codes)", "l4q/quantized"))
+    rows.insert(6, ("LoRA", "L4Q, merged and quantised (from the codes)", "l4q/quantized"))
     for adapters, base, name in rows:
         if name == "l4q/quantized":
             results = [
@@ -67,6 +71,7 @@ def table(root: Path) -> list[str]:
         else:
             runs = sorted((root / name).glob("s*"))
             pairs = [first_and_last(run) for run in runs if list(run.glob("events.*"))]
+            pairs = [pair for pair in pairs if pair[1]]  # a run still before its first validation
             befores, results = [p[0] for p in pairs], [p[1] for p in pairs]
         if not results:
             continue
