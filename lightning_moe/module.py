@@ -120,6 +120,22 @@ class AdapterModule(TaskModule):
 
     # --- model life cycle -----------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
+        self.shrink_base(model)
+        if self.adapter_path:
+            self.injection = load_adapter(model, self.adapter_path)
+            self.adapter_rules = read_rules(self.adapter_path)
+        else:
+            self.injection = inject(model, self.adapter_rules)
+            if needs_data(model) and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+                self.initialise_from_data(model)
+        self.router_losses = RouterLosses(self.router_loss, model)
+        self.base_prints = base_fingerprint(model)
+        if self.injection.adapted:
+            rank_zero_info(self.injection.summary())
+
+    def shrink_base(self, model: nn.Module) -> None:
+        """LoRAM's pruning, then the 4-bit storage: both before any adapter attaches, so the
+        adapters are built for (and trained on) the smaller base."""
         if self.quantize is not None and self.device_mesh is not None:
             raise UserInputError(
                 "quantize does not shard under FSDP2 yet: torchao's NF4 tensor splits only when every "
@@ -140,17 +156,6 @@ class AdapterModule(TaskModule):
                 quantize_model(model, self.quantize, self.adapter_rules, self.adapter_path, self.init_batches)
             except AdapterConfigError as error:
                 raise UserInputError(str(error)) from None
-        if self.adapter_path:
-            self.injection = load_adapter(model, self.adapter_path)
-            self.adapter_rules = read_rules(self.adapter_path)
-        else:
-            self.injection = inject(model, self.adapter_rules)
-            if needs_data(model) and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-                self.initialise_from_data(model)
-        self.router_losses = RouterLosses(self.router_loss, model)
-        self.base_prints = base_fingerprint(model)
-        if self.injection.adapted:
-            rank_zero_info(self.injection.summary())
 
     def initialise_from_data(self, model: nn.Module) -> None:
         """EVA / LoRA-GA from the first training batches, before sharding and before step 0.
