@@ -3,7 +3,7 @@
 # letter_counting, 24 steps of 8 problems, 64 validation problems) with LoRA and MoLE on the fp32
 # base, on the NF4 base, with LQ-LoRA, with L4Q (quantisation-aware, then merged and quantised)
 # and with LoRAM (trained on a pruned base, recovered to the full one).
-# Usage: [SEEDS="0"] bash scripts/memory_results.sh [GROUP...]  (groups: nf4 lq l4q loram; all by
+# Usage: [SEEDS="0"] bash scripts/memory_results.sh [GROUP...]  (groups: nf4 embeddings lq l4q loram; all by
 #   default; 1.5-3 minutes per run on 2 CPU cores when nothing else runs, about 70 min for both
 #   seeds; rerunning skips finished runs)
 set -euo pipefail
@@ -11,7 +11,7 @@ PY=${PY:-.venv/bin/python}
 OUT=runs/memory
 SHOW="quantized|LQ-LoRA split|pruned|val/strict_match|val/loss "
 read -r -a SEEDS <<<"${SEEDS:-0 1}"
-GROUPS_TO_RUN=("${@:-nf4 lq l4q loram}")
+GROUPS_TO_RUN=("${@:-nf4 embeddings lq l4q loram}")
 mkdir -p "$OUT"
 source "$(dirname "$0")/timed.sh"
 LORA="--config configs/reasoning/lora_smollm2.yaml --config configs/reasoning/demo.yaml"
@@ -31,10 +31,10 @@ for seed in "${SEEDS[@]}"; do
   if wants nf4; then
     fit lora_fp32 "$seed" $LORA
     fit lora_nf4 "$seed" $LORA --config configs/memory/nf4_lora.yaml
-    fit nf4_embeddings "$seed" $LORA --config configs/memory/nf4_embeddings.yaml
     fit mole_fp32 "$seed" $MOLE
     fit mole_nf4 "$seed" $MOLE --config configs/memory/nf4_mole.yaml
   fi
+  if wants embeddings; then fit nf4_embeddings "$seed" $LORA --config configs/memory/nf4_embeddings.yaml; fi
   if wants lq; then
     fit lq_lora "$seed" $LORA --config configs/memory/lq_lora.yaml
     fit lq_mole "$seed" $MOLE --config configs/memory/lq_mole.yaml
