@@ -2,11 +2,11 @@
 
 NF4 (Dettmers et al. 2023) stores each weight as one of 16 NormalFloat levels times the absmax of
 its block of `block_size` weights; the block scales are themselves quantised to int8 in groups of
-`scaler_block_size` (the double quantisation). The tensor is torchao's `NF4Tensor`: measured on
-this project's pins it runs on CPU, `F.linear` dequantises per call and its backward saves only
-the 4-bit weight (ASSETS.md, docs/memory.md). bitsandbytes' CPU backend and our own kernel were
-the alternatives; torchao won because it needs no compiled extension and is the tensor torchtune's
-QLoRA uses. It is imported only when a base is quantised (its import takes seconds).
+`scaler_block_size` (the double quantisation). The tensor is torchao's `NF4Tensor`: it runs
+on CPU with our pins, `F.linear` dequantises per call and its backward saves only the 4-bit
+weight. bitsandbytes' CPU backend measured faster (docs/memory.md), but its weight is a uint8
+tensor of another shape, while torchao's keeps the float dtype and shape that every adapter kind
+and the model code read. torchao is imported only when a base is quantised.
 
 LQ-LoRA (Guo et al. 2024) splits W into a quantised Q plus a rank-r L = B0 @ A0 by alternating
 L <- SVD_r(W - Q) and Q <- NF4(W - L); the LoRA then starts at L, so Q + L approximates W better
