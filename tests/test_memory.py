@@ -45,7 +45,7 @@ def test_nf4_lq_lora_resumes_exactly_and_its_folder_needs_the_same_base(tmp_path
     folder = run_dir("straight") / "adapter"
     assert (folder / "quantized_base.safetensors").is_file()
     # the checkpoint holds adapters only: no 4-bit base weight, no LQ offset
-    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert saved and all(".adapter." in key for key in saved)
     # validating the folder rebuilds the same Q (a run config that forgets `quantize` is refused)
     args = [
@@ -71,7 +71,7 @@ def test_loram_exports_an_adapter_for_the_full_model(tmp_path, monkeypatch):
     (checkpoint,) = (run_dir("loram") / "checkpoints").glob("*step=2.ckpt")
     trained = {
         k.removeprefix("model."): v
-        for k, v in torch.load(checkpoint, weights_only=False)["state_dict"].items()
+        for k, v in torch.load(checkpoint, weights_only=True)["state_dict"].items()
     }
     folder = run_dir("loram") / "adapter"
     full = full_base(cli)
