@@ -20,15 +20,6 @@ AFTER_ONLY='--trainer.callbacks=[{"class_path":"lightning_moe.callbacks.ExportAd
 LORA="--config configs/reasoning/lora_smollm2.yaml --config configs/reasoning/demo.yaml $AFTER_ONLY"
 MOLE="--config configs/reasoning/mole_smollm2.yaml --config configs/reasoning/demo.yaml $AFTER_ONLY"
 
-# fit NAME SEED ARGS...: one run in $OUT/NAME/s<SEED>
-fit() {
-  local name=$1 seed=$2
-  shift 2
-  timed "$name-s$seed" $PY -m lightning_moe fit "$@" --seed_everything="$seed" \
-    --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="$name" \
-    --trainer.logger.init_args.version="s$seed"
-}
-wants() { [[ " ${GROUPS_TO_RUN[*]} " == *" $1 "* ]]; }
 
 for seed in "${SEEDS[@]}"; do
   if wants inits; then

@@ -17,15 +17,6 @@ source "$(dirname "$0")/timed.sh"
 LORA="--config configs/reasoning/lora_smollm2.yaml --config configs/reasoning/demo.yaml"
 MOLE="--config configs/reasoning/mole_smollm2.yaml --config configs/reasoning/demo.yaml"
 
-# fit NAME SEED ARGS...: one run in $OUT/NAME/s<SEED> (the demo's before/after table in its log)
-fit() {
-  local name=$1 seed=$2
-  shift 2
-  timed "$name-s$seed" $PY -m lightning_moe fit "$@" --seed_everything="$seed" \
-    --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="$name" \
-    --trainer.logger.init_args.version="s$seed"
-}
-wants() { [[ " ${GROUPS_TO_RUN[*]} " == *" $1 "* ]]; }
 
 for seed in "${SEEDS[@]}"; do
   if wants nf4; then

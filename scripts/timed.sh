@@ -1,4 +1,4 @@
-# Sourced by the results scripts. timed NAME COMMAND...: run COMMAND once, keeping its full log in
+# Sourced by the results scripts (which set OUT, PY and GROUPS_TO_RUN). timed NAME COMMAND...: run COMMAND once, keeping its full log in
 # $OUT/NAME.log, print the log lines matching $SHOW and the wall time, and mark it done so that
 # rerunning the script skips it.
 timed() {
@@ -12,3 +12,13 @@ timed() {
   echo "== $name: $(($(date +%s) - start)) s"
   touch "$OUT/$name.done"
 }
+
+# fit NAME SEED ARGS...: one run in $OUT/NAME/s<SEED>
+fit() {
+  local name=$1 seed=$2
+  shift 2
+  timed "$name-s$seed" $PY -m lightning_moe fit "$@" --seed_everything="$seed" \
+    --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="$name" \
+    --trainer.logger.init_args.version="s$seed"
+}
+wants() { [[ " ${GROUPS_TO_RUN[*]} " == *" $1 "* ]]; }
