@@ -4,8 +4,8 @@
 # base, on the NF4 base, with LQ-LoRA, with L4Q (quantisation-aware, then merged and quantised)
 # and with LoRAM (trained on a pruned base, recovered to the full one).
 # Usage: [SEEDS="0"] bash scripts/memory_results.sh [GROUP...]  (groups: nf4 embeddings lq l4q loram; all by
-#   default; 1.5-3 minutes per run on 2 CPU cores when nothing else runs, about 70 min for both
-#   seeds; rerunning skips finished runs)
+#   default; 1.5-3 minutes per run on 2 CPU cores when nothing else runs, more for the LQ-LoRA
+#   splits (about 10 min) and NF4 embeddings (about 15 min); rerunning skips finished runs)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=runs/memory
