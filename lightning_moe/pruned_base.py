@@ -38,6 +38,8 @@ class PrunedBase:
 def prune_model(
     model: nn.Module, config: PruneConfig, rules: list[AdapterRule], calibration: Calibration
 ) -> PrunedBase:
+    """Prune `model`'s MLPs in place, scored from their weights or from calibration batches, and
+    keep what recovery needs (taken before pruning, from the full model)."""
     mlps = prunable_mlps(model, config)
     consumers = {f"{name}.{config.consumer}": mlp for name, mlp in mlps.items()}
     rms = {}
