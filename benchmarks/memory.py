@@ -194,7 +194,6 @@ def main() -> None:
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # the child process of one variant
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.peak_of:
         print(json.dumps(peak_of(args.peak_of, args.batch, args.tokens, args.peak_steps)))
         return
