@@ -50,7 +50,8 @@ def describe_storage(prints: Mapping) -> str:
     if quantization is None:
         return "not quantised"
     low_rank = f" with a rank-{quantization['low_rank']} LQ-LoRA part" if quantization["low_rank"] else ""
-    return f"{quantization['scheme']} (blocks of {quantization['block_size']}){low_rank}"
+    embeddings = " and 4-bit embeddings" if quantization.get("embeddings") else ""
+    return f"{quantization['scheme']} (blocks of {quantization['block_size']}){low_rank}{embeddings}"
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, dict]:
