@@ -127,7 +127,7 @@ CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 @dataclass
 class Example:
-    image: Image.Image
+    image: Image.Image | None  # None: a text-only question
     question: str
     answer: str
 
@@ -209,7 +209,22 @@ def grid_examples(split: str, count: int, rng: random.Random, mnist: ImageSet) -
     return examples
 
 
-DOMAINS = ("fashion", "digits", "textile", "grid")
+def arithmetic_examples(split: str, count: int, rng: random.Random) -> list[Example]:
+    """Text only: the digits domain's sums and products, asked about numbers written out, so a
+    text expert has single-modality data of its own (the test split uses other operand pairs)."""
+    pairs = [(a, b) for a in range(10) for b in range(1, 10) if ((a * 9 + b) % 5 == 4) == (split == "test")]
+    examples = []
+    for _ in range(count):
+        a, b = rng.choice(pairs)
+        if rng.random() < 0.5:
+            examples.append(Example(None, f"What is {a} plus {b}?", str(a + b)))
+        else:
+            examples.append(Example(None, f"Multiply {a} by {b}. What is the result?", str(a * b)))
+    return examples
+
+
+DOMAINS = ("fashion", "digits", "textile", "grid")  # the image domains, the default mix
+TEXT_DOMAINS = ("arithmetic",)
 
 
 def write_llava_dataset(
@@ -226,9 +241,9 @@ def write_llava_dataset(
     touched. The same arguments always give the same dataset.
     """
     folder = Path(folder)
-    unknown = sorted(set(domains) - set(DOMAINS))
+    unknown = sorted(set(domains) - set(DOMAINS + TEXT_DOMAINS))
     if unknown:
-        raise UserInputError(f"unknown domain(s) {unknown}; choose from {list(DOMAINS)}")
+        raise UserInputError(f"unknown domain(s) {unknown}; choose from {list(DOMAINS + TEXT_DOMAINS)}")
     if split not in ("train", "test"):
         raise UserInputError(f"split must be 'train' or 'test', got {split!r}")
     if folder.exists():
@@ -240,6 +255,7 @@ def write_llava_dataset(
         "digits": lambda: digit_examples(split, per_domain, rng, mnist),
         "textile": lambda: textile_examples(split, per_domain, rng),
         "grid": lambda: grid_examples(split, per_domain, rng, mnist),
+        "arithmetic": lambda: arithmetic_examples(split, per_domain, rng),
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
@@ -248,19 +264,17 @@ def write_llava_dataset(
         for domain in domains:
             (staging / "images" / domain).mkdir(parents=True)
             for number, example in enumerate(makers[domain]()):
-                image = f"{domain}/{number:06d}.png"
-                example.image.save(staging / "images" / image)
-                records.append(
-                    {
-                        "id": f"{domain}-{split}-{number:06d}",
-                        "image": image,
-                        "domain": domain,
-                        "conversations": [
-                            {"from": "human", "value": f"{IMAGE_TOKEN}\n{example.question}"},
-                            {"from": "gpt", "value": example.answer},
-                        ],
-                    }
-                )
+                record = {"id": f"{domain}-{split}-{number:06d}", "domain": domain}
+                question = example.question
+                if example.image is not None:
+                    record["image"] = f"{domain}/{number:06d}.png"
+                    example.image.save(staging / "images" / record["image"])
+                    question = f"{IMAGE_TOKEN}\n{question}"
+                record["conversations"] = [
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": example.answer},
+                ]
+                records.append(record)
         (staging / "conversations.json").write_text(json.dumps(records, indent=1))
         os.replace(staging, folder)
     finally:

@@ -10,9 +10,11 @@ histograms over layers, not as scalars per layer.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -136,45 +138,124 @@ def log_routing_statistics(
     return summary
 
 
-class DomainRouting:
-    """Which experts each domain's tokens go to over an evaluation epoch: per domain, the share of
-    all routing assignments (every routed layer, every real token) that each expert received.
-    Logged as `<stage>/expert_share/<domain>/<expert>` scalars and a labelled domains x experts
-    heatmap `<stage>/domain_expert_share`."""
+def mutual_information(counts: torch.Tensor) -> float:
+    """I(group; expert) in bits from a [groups, experts] table of assignment counts (0 when the
+    experts' choice says nothing about the group; at most log2 of the group count)."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    joint = counts.double() / total
+    independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+    seen = joint > 0
+    return float((joint[seen] * (joint[seen] / independent[seen]).log2()).sum())
 
-    def __init__(self) -> None:
-        self.counts: dict[str, torch.Tensor] = {}
+
+class GroupRouting:
+    """Which experts each group's tokens go to over an evaluation epoch, per routed layer.
+
+    A group is a sample's domain or a token's modality. Logged at the epoch's end:
+    - `<stage>/<share_scalar>/<group>/<expert>`: each group's share of all its assignments (every
+      routed layer, every real token), and the groups x experts heatmap `<stage>/<what>_expert_share`;
+    - the mutual information between group and chosen expert, per layer (`mutual_information`):
+      scalars `<stage>/<what>_expert_mi/mean` and `/max`, and a blocks x projections heatmap
+      `<stage>/<what>_expert_mi`. The per-layer values also go to `<log dir>/<stage>_<what>_routing.json`.
+    """
+
+    def __init__(self, what: str, share_scalar: str = "expert_share") -> None:
+        self.what = what
+        self.share_scalar = share_scalar
+        self.groups: list[str] = []
+        self.counts: dict[str, torch.Tensor] = {}  # layer -> [groups seen so far, experts]
 
     @torch.no_grad()
-    def update(self, records: Mapping[str, RoutingRecord], mask: torch.Tensor, domains: list[str]) -> None:
-        records = [r for r in records.values() if r.indices.dim() == 3]  # [batch, tokens, k]
-        if not records:
-            return
-        experts = records[0].num_experts
-        for record in records:
-            if record.num_experts != experts:
+    def update(
+        self, records: Mapping[str, RoutingRecord], mask: torch.Tensor, labels: torch.Tensor, names: list[str]
+    ) -> None:
+        """labels: [batch, tokens] indices into `names`, the group of every token (mask selects real ones)."""
+        for name in names:
+            if name not in self.groups:
+                self.groups.append(name)
+        column = torch.tensor([self.groups.index(n) for n in names])
+        for layer, record in records.items():
+            if record.indices.dim() != 3:  # [batch, tokens, k] only
                 continue
-            assigned = torch.nn.functional.one_hot(record.indices, experts).sum(dim=-2).float()
-            per_sample = (assigned * mask[..., None].to(assigned)).sum(dim=1).cpu()
-            for row, domain in enumerate(domains):
-                self.counts[domain] = self.counts.get(domain, torch.zeros(experts)) + per_sample[row]
+            experts = record.num_experts
+            real = mask.bool().cpu()
+            chosen = record.indices.cpu()[real]  # [real tokens, k]
+            group = column[labels.cpu()[real]]  # [real tokens]
+            pairs = group[:, None] * experts + chosen
+            table = torch.bincount(pairs.flatten(), minlength=len(self.groups) * experts)
+            table = table.view(len(self.groups), experts).float()
+            previous = self.counts.get(layer)
+            if previous is not None:
+                table[: previous.shape[0]] += previous
+            self.counts[layer] = table
 
-    def log(self, module: L.LightningModule, stage: str) -> None:
+    def layer_information(self) -> dict[str, float]:
+        return {layer: mutual_information(counts) for layer, counts in self.counts.items()}
+
+    def log(self, module: L.LightningModule, stage: str) -> dict[str, float]:
+        """Log the epoch's shares and mutual information (see the class docstring); returns the
+        per-layer mutual information, then forgets the epoch."""
         if not self.counts:
-            return
-        domains = sorted(self.counts)
-        shares = torch.stack([self.counts[d] / self.counts[d].sum().clamp_min(1.0) for d in domains])
-        for domain, row in zip(domains, shares, strict=True):
-            for expert, share in enumerate(row.tolist()):
-                module.log(f"{stage}/expert_share/{domain}/{expert}", share)
-        if isinstance(module.logger, TensorBoardLogger):
+            return {}
+        counts = [c for c in self.counts.values() if c.shape[1] == next(iter(self.counts.values())).shape[1]]
+        total = torch.zeros_like(counts[0])
+        for layer_counts in counts:
+            total[: layer_counts.shape[0]] += layer_counts
+        shares = total / total.sum(dim=1, keepdim=True).clamp_min(1.0)
+        order = sorted(range(len(self.groups)), key=lambda g: self.groups[g])
+        information = self.layer_information()
+        for g in order:
+            for expert, share in enumerate(shares[g].tolist()):
+                module.log(f"{stage}/{self.share_scalar}/{self.groups[g]}/{expert}", share)
+        module.log(f"{stage}/{self.what}_expert_mi/mean", sum(information.values()) / len(information))
+        module.log(f"{stage}/{self.what}_expert_mi/max", max(information.values()))
+        logger = module.logger
+        if isinstance(logger, TensorBoardLogger):
             figure = heatmap_figure(
-                100 * shares.numpy(),
-                domains,
+                100 * shares[order].numpy(),
+                [self.groups[g] for g in order],
                 [str(e) for e in range(shares.shape[1])],
-                "where each domain's tokens go (all routed layers)",
-                "share of the domain's assignments (%)",
+                f"where each {self.what}'s tokens go (all routed layers)",
+                f"share of the {self.what}'s assignments (%)",
                 column_title="expert",
             )
-            module.logger.experiment.add_figure(f"{stage}/domain_expert_share", figure, module.global_step)
-        self.counts = {}
+            logger.experiment.add_figure(f"{stage}/{self.what}_expert_share", figure, module.global_step)
+            logger.experiment.add_figure(
+                f"{stage}/{self.what}_expert_mi",
+                information_figure(information, self.what),
+                module.global_step,
+            )
+        if logger is not None and logger.log_dir and module.global_rank == 0:
+            record = {
+                "groups": self.groups,
+                "layers": {
+                    layer: {
+                        "mutual_information_bits": information[layer],
+                        "counts": self.counts[layer].tolist(),
+                    }
+                    for layer in self.counts
+                },
+            }
+            path = Path(logger.log_dir) / f"{stage}_{self.what}_routing.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1))
+        self.groups, self.counts = [], {}
+        return information
+
+
+def information_figure(information: Mapping[str, float], what: str) -> Figure:
+    """The mutual information of every routed layer as blocks down, projections across."""
+    rows, roles, place = block_grid(list(information))
+    values = np.full((len(rows), len(roles)), np.nan)
+    for layer, bits in information.items():
+        values[place[layer]] = bits
+    return heatmap_figure(
+        values,
+        short_names(rows),
+        [role.split(".")[-1] or "layer" for role in roles],
+        f"mutual information between {what} and chosen expert",
+        "bits",
+        cell_format="{:.2f}",
+    )

@@ -3,8 +3,9 @@ MLP; MixLoRA: top-2 on the FFN), the experts stored stacked so every backend ser
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,9 @@ from .backends import Backend, expert_backend
 from .base import Adapter, register_adapter
 from .errors import AdapterConfigError
 from .lora import LowRankConfig, kaiming_uniform_rows_
-from .routing import RouterGradient, TopKRouter
+from .routing import BLOCKED_LOGIT, MODALITIES, SHARED, RouterGradient, TopKRouter
+
+ModalityRouting = Literal["restrict", "bias"]
 
 
 @dataclass
@@ -37,6 +40,18 @@ class MoEConfig(LowRankConfig):
         backend: Expert compute path: "loop" (reference), "dense" or "grouped", all equal in
             outputs and gradients; "auto" picks the fastest measured for the device, dtype and
             expert count (see `backends.auto_backend`).
+        router_norm: Divide the router's input by its RMS (see `TopKRouter`).
+        router_init_std: Initial gate weights ~ N(0, std²) (None: nn.Linear's init).
+        expert_modalities: Each expert's modality ("text", "image", "audio") or "shared". A token
+            may use the experts of its own modality and the shared ones (a modality with neither
+            uses all). Tokens' modalities come from the task (`RoutingCollector.modalities`);
+            unmarked tokens are text.
+        modality_routing: "restrict": a token's router chooses only among the experts it may
+            use; "bias": it chooses among all, with `modality_bias` added to those logits.
+        modality_bias: The logit bonus of a token's own and shared experts under "bias".
+        expert_init: One LoRA adapter folder (or null) per expert: expert e starts from that
+            LoRA's factors at this layer (upcycling, e.g. Uni-MoE's modality experts). The LoRA's
+            rank must not exceed `rank`; its scaling is folded in.
     """
 
     kind: ClassVar[str] = "moe"
@@ -45,6 +60,12 @@ class MoEConfig(LowRankConfig):
     router_gradient: RouterGradient = "prob"
     jitter_noise: float = 0.0
     backend: Backend = "auto"
+    router_norm: bool = False
+    router_init_std: float | None = None
+    expert_modalities: list[str] | None = None
+    modality_routing: ModalityRouting = "restrict"
+    modality_bias: float = 2.0
+    expert_init: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +83,38 @@ class MoEConfig(LowRankConfig):
                 f"router_gradient='straight_through' is defined for top_k=1 only (top_k > 1 renormalises "
                 f"the chosen probabilities), got top_k={self.top_k}"
             )
+        if self.router_init_std is not None and self.router_init_std <= 0:
+            raise AdapterConfigError(
+                f"router_init_std must be > 0, got router_init_std={self.router_init_std}"
+            )
+        for option in ("expert_modalities", "expert_init"):
+            value = getattr(self, option)
+            if value is not None and len(value) != self.num_experts:
+                raise AdapterConfigError(
+                    f"{option} needs one entry per expert (num_experts={self.num_experts}), got {value}"
+                )
+        if self.expert_modalities is not None:
+            self.allowed_experts()  # checks the names and that every modality has top_k experts
+
+    def allowed_experts(self) -> list[list[bool]]:
+        """Per modality (MODALITIES order): which experts its tokens may use."""
+        names = self.expert_modalities or [SHARED] * self.num_experts
+        unknown = sorted(set(names) - {*MODALITIES, SHARED})
+        if unknown:
+            raise AdapterConfigError(
+                f"expert_modalities: unknown modality {unknown[0]!r}; use {list(MODALITIES)} or {SHARED!r}"
+            )
+        allowed = []
+        for modality in MODALITIES:
+            usable = [name in (modality, SHARED) for name in names]
+            usable = usable if any(usable) else [True] * len(names)
+            if self.modality_routing == "restrict" and sum(usable) < self.top_k:
+                raise AdapterConfigError(
+                    f"expert_modalities {names}: {modality} tokens may use {sum(usable)} expert(s), "
+                    f"fewer than top_k={self.top_k}"
+                )
+            allowed.append(usable)
+        return allowed
 
 
 class ExpertBank(nn.Module):
@@ -137,9 +190,34 @@ class MoEAdapter(Adapter):
             **factory,
         )
         self.backend = config.backend
+        self.register_buffer("modality_logit_bias", self.modality_table(config), persistent=False)
+
+    @staticmethod
+    def modality_table(config: MoEConfig) -> Tensor | None:
+        """[modalities, E]: what each modality's tokens add to each expert's logit (None: nothing)."""
+        if config.expert_modalities is None:
+            return None
+        allowed = torch.tensor(config.allowed_experts())
+        if config.modality_routing == "restrict":
+            return torch.where(allowed, 0.0, BLOCKED_LOGIT)
+        return allowed.float() * config.modality_bias
 
     def router_parameters(self) -> list[nn.Parameter]:
         return list(self.router.parameters())
+
+    @classmethod
+    def prepare(cls, layers: Mapping[str, nn.Module]) -> None:
+        # imported here: the folder readers import the adapter rules, which import this module
+        from .upcycling import upcycle_experts
+
+        upcycle_experts(layers)
+
+    @torch.no_grad()
+    def start_expert_from(self, expert: int, lora_A: Tensor, lora_B: Tensor) -> None:
+        """Expert `expert` computes the LoRA (A [r', in], B [out, r'] with its scaling folded in)."""
+        bank, rank = self.experts, lora_A.shape[0]
+        bank.lora_A[expert].zero_()[:rank] = lora_A
+        bank.lora_B[expert].zero_()[:, :rank] = lora_B / bank.scaling
 
     def input_projection(self) -> Tensor:
         """The experts' stacked A ([E, r, in]) that EVA fills, expert by expert."""
@@ -150,17 +228,15 @@ class MoEAdapter(Adapter):
         return self.experts.lora_A, self.experts.lora_B, self.experts.scaling
 
     def build_router(self, base_layer: nn.Linear, config: MoEConfig, factory: dict) -> nn.Module:
-        return TopKRouter(
-            base_layer.in_features,
-            config.num_experts,
-            config.top_k,
-            gradient=config.router_gradient,
-            jitter_noise=config.jitter_noise,
-            **factory,
-        )
+        return TopKRouter(base_layer.in_features, **router_arguments(config), **factory)
 
-    def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.router(flat)
+    def route(self, flat: Tensor, lead_shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        bias = None
+        if self.modality_logit_bias is not None:
+            marked = self.collector.marked if self.collector is not None else None
+            modality = marked.of(lead_shape).to(flat.device) if marked is not None else None
+            bias = self.modality_logit_bias[0 if modality is None else modality].expand(len(flat), -1)
+        return self.router(flat, bias)
 
     def frozen_mask(self) -> Tensor | None:
         """Experts that must not train (none here; MoE-Adapters freezes some)."""
@@ -169,7 +245,19 @@ class MoEAdapter(Adapter):
     def forward(self, x: Tensor) -> Tensor:
         lead_shape = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        indices, weights, logits = self.route(flat)
+        indices, weights, logits = self.route(flat, lead_shape)
         self.report_routing(lead_shape, logits, indices)
         delta = self.experts(flat, indices, weights, self.backend, self.frozen_mask())
         return delta.view(*lead_shape, delta.shape[-1])
+
+
+def router_arguments(config: MoEConfig) -> dict:
+    """The `TopKRouter` settings a MoE config holds."""
+    return {
+        "num_experts": config.num_experts,
+        "top_k": config.top_k,
+        "gradient": config.router_gradient,
+        "jitter_noise": config.jitter_noise,
+        "input_norm": config.router_norm,
+        "init_std": config.router_init_std,
+    }

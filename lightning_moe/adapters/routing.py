@@ -16,6 +16,9 @@ import torch
 from torch import Tensor, nn
 
 RouterGradient = Literal["prob", "straight_through"]
+# the token modalities a task can mark; routers restrict or bias by their index
+MODALITIES = ("text", "image", "audio")
+SHARED = "shared"  # an expert every modality may use
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RoutingCollector:
     def __init__(self) -> None:
         self.records: dict[str, RoutingRecord] = {}
         self.active = False
+        self.marked: TokenModalities | None = None
 
     @contextmanager
     def capture(self) -> Iterator[dict[str, RoutingRecord]]:
@@ -63,6 +67,42 @@ class RoutingCollector:
         if self.active:
             self.records[record.layer] = record
 
+    @contextmanager
+    def modalities(self, marked: TokenModalities) -> Iterator[None]:
+        """Routers that know their experts' modalities read the tokens' modalities from here."""
+        self.marked = marked
+        try:
+            yield
+        finally:
+            self.marked = None
+
+
+@dataclass
+class TokenModalities:
+    """Each token's modality (an index into MODALITIES) for the forward passes of one batch.
+
+    `tokens` is [batch, seq] for the prompt or training sequence; `continuation` ([batch]) is the
+    modality of tokens past it, the ones generation appends one step at a time (text, or with
+    sample-level modalities the sample's own).
+    """
+
+    tokens: Tensor
+    continuation: Tensor
+
+    def of(self, lead_shape: tuple[int, ...]) -> Tensor:
+        """The modalities of a layer input with these leading dims, flattened to [N]."""
+        if tuple(lead_shape) == tuple(self.tokens.shape):
+            return self.tokens.reshape(-1)
+        if len(lead_shape) == 2 and lead_shape[0] == self.continuation.shape[0]:
+            return self.continuation[:, None].expand(lead_shape).reshape(-1)
+        raise ValueError(
+            f"token modalities of shape {tuple(self.tokens.shape)} do not fit a layer input of leading shape "
+            f"{tuple(lead_shape)}"
+        )
+
+
+BLOCKED_LOGIT = -1e9  # finite, so entropies and z-losses of restricted routers stay finite
+
 
 class TopKRouter(nn.Module):
     """Linear gate over E experts; picks the top-k per token.
@@ -71,6 +111,12 @@ class TopKRouter(nn.Module):
     With k > 1 the chosen probabilities are renormalised to sum to 1; with k == 1 the weight is
     either the probability itself ("prob") or 1 with the probability's gradient
     ("straight_through"), so the router always learns from the task loss.
+
+    `input_norm` divides each token by its RMS before the gate (parameter-free), so a router
+    whose input is tiny (a down_proj's silu(gate) * up) does not start, and stay, uniform.
+    `init_std` sets the gate's initial weights to N(0, std²) instead of nn.Linear's init.
+    `forward`'s `logit_bias` ([N, E]) is added to the logits before the choice: a large negative
+    value blocks an expert for that token (modality restriction), a positive one favours it.
     """
 
     def __init__(
@@ -80,21 +126,32 @@ class TopKRouter(nn.Module):
         top_k: int,
         gradient: RouterGradient = "prob",
         jitter_noise: float = 0.0,
+        input_norm: bool = False,
+        init_std: float | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.gate = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=dtype)
+        if init_std is not None:
+            nn.init.normal_(self.gate.weight, std=init_std)
         self.top_k = top_k
         self.gradient = gradient
         self.jitter_noise = jitter_noise
+        self.input_norm = input_norm
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, logit_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x * noise
-        logits = self.gate(x.to(self.gate.weight.dtype))
+        x = x.to(self.gate.weight.dtype)
+        if self.input_norm:
+            # eps far below any real activation scale: the point is to rescale tiny inputs
+            x = x * torch.rsqrt(x.float().square().mean(dim=-1, keepdim=True) + 1e-12).to(x.dtype)
+        logits = self.gate(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 stays
+        if logit_bias is not None:
+            logits = logits + logit_bias.to(logits.dtype)
         probs = logits.softmax(dim=-1)
         top_probs, indices = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:

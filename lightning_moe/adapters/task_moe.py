@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .base import register_adapter
 from .errors import AdapterConfigError
-from .moe import MoEAdapter, MoEConfig
+from .moe import MoEAdapter, MoEConfig, router_arguments
 from .rank_store import layers_with_adapter
 from .routing import TopKRouter
 
@@ -60,8 +60,8 @@ class TaskRouters(nn.Module):
         self.tasks = nn.ModuleList(TopKRouter(**router_args) for _ in range(num_tasks))
         self.active: int | None = 0
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.tasks[self.active](x)
+    def forward(self, x: Tensor, logit_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        return self.tasks[self.active](x, logit_bias)
 
 
 @register_adapter
@@ -79,13 +79,7 @@ class TaskMoEAdapter(MoEAdapter):
 
     def build_router(self, base_layer: nn.Linear, config: TaskMoEConfig, factory: dict) -> nn.Module:
         return TaskRouters(
-            config.num_tasks,
-            in_features=base_layer.in_features,
-            num_experts=config.num_experts,
-            top_k=config.top_k,
-            gradient=config.router_gradient,
-            jitter_noise=config.jitter_noise,
-            **factory,
+            config.num_tasks, in_features=base_layer.in_features, **router_arguments(config), **factory
         )
 
     def frozen_mask(self) -> Tensor:
@@ -98,8 +92,8 @@ class TaskMoEAdapter(MoEAdapter):
             )
         self.router.active = task
 
-    def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        indices, weights, logits = self.router(flat)
+    def route(self, flat: Tensor, lead_shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        indices, weights, logits = super().route(flat, lead_shape)
         if self.training:
             self.count_usage(indices)
         return indices, weights, logits

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_moe.adapters.routing import MODALITIES, TokenModalities
 from lightning_moe.data.llava import DOMAINS
 from lightning_moe.data.visual_instructions import image_token_id
 from lightning_moe.errors import UserInputError
 from lightning_moe.module import AdapterModule
 from lightning_moe.parallel import full_tensor
-from lightning_moe.routing_logging import DomainRouting
+from lightning_moe.routing_logging import GroupRouting
 from lightning_moe.tasks.multimodal.vision_language import VisionLanguageModel, build_vision_encoder
 from lightning_moe.tasks.reasoning.answer_match import NormalizedMatch, normalize_answer
 from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm, greedy_generation
@@ -55,6 +56,10 @@ class VisualInstructionTask(AdapterModule):
         samples_to_log: How many questions of each evaluation go to TensorBoard's text tab with
             their generations (0: none).
         model_seed: Seed of a `language_model_config` model and of the projector's initialisation.
+        modality_scope: What MoE routers with `expert_modalities` see as a token's modality:
+            "token": image-slot tokens are image, every other token (and every generated one) is
+            text; "sample": every token of a sample with an image is image (Uni-MoE's modality
+            experts serve the whole sample).
         cache_dir: Where converted packaged assets are cached.
         **kwargs: Adapter and optimisation settings of `AdapterModule`.
     """
@@ -72,6 +77,7 @@ class VisualInstructionTask(AdapterModule):
         max_new_tokens: int = 8,
         samples_to_log: int = 6,
         model_seed: int = 0,
+        modality_scope: Literal["token", "sample"] = "token",
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -91,7 +97,9 @@ class VisualInstructionTask(AdapterModule):
         self.model_seed = model_seed
         self.cache_dir = cache_dir
         self.answer_metrics = nn.ModuleDict()
-        self.domain_routing = DomainRouting()
+        self.modality_scope = modality_scope
+        self.domain_routing = GroupRouting("domain")
+        self.modality_routing = GroupRouting("modality", share_scalar="modality_expert_share")
 
     # --- model --------------------------------------------------------------------------------
     @cached_property
@@ -136,18 +144,30 @@ class VisualInstructionTask(AdapterModule):
             if domain not in self.answer_metrics:
                 self.answer_metrics[domain] = NormalizedMatch()
 
+    def token_modalities(self, input_ids: Tensor) -> TokenModalities:
+        """Each token's modality (see `modality_scope`) for the routers that restrict by it."""
+        image = MODALITIES.index("image")
+        slots = input_ids == self.model.image_token_id
+        has_image = slots.any(dim=1)
+        if self.modality_scope == "sample":
+            per_sample = torch.where(has_image, image, MODALITIES.index("text"))
+            return TokenModalities(per_sample[:, None].expand_as(input_ids), per_sample)
+        return TokenModalities(torch.where(slots, image, 0), torch.zeros_like(has_image, dtype=torch.long))
+
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
-        output = self.model(
-            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
-        )
+        with self.injection.collector.modalities(self.token_modalities(batch["input_ids"])):
+            output = self.model(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+            )
         return output.loss, batch["attention_mask"]
 
     def generate(self, batch: dict) -> list[str]:
         tokenizer = self.tokenizer
         settings = greedy_generation(tokenizer, self.max_new_tokens)
-        tokens = self.model.generate(
-            batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], generation_config=settings
-        )
+        with self.injection.collector.modalities(self.token_modalities(batch["prompt_ids"])):
+            tokens = self.model.generate(
+                batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], generation_config=settings
+            )
         return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
@@ -179,18 +199,34 @@ class VisualInstructionTask(AdapterModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = super().validation_step(batch, batch_idx)
+        self._count_routing(batch)
         self._score(batch, batch_idx, "val")
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = super().test_step(batch, batch_idx)
-        # the collector keeps what the loss pass just captured
-        self.domain_routing.update(self.injection.collector.records, batch["attention_mask"], batch["domain"])
+        self._count_routing(batch)
         self._score(batch, batch_idx, "test")
         return loss
 
+    def _count_routing(self, batch: dict) -> None:
+        """Which experts each domain's and each modality's tokens went to in the loss pass just
+        run (the collector keeps what it captured)."""
+        records, mask = self.injection.collector.records, batch["attention_mask"]
+        domains = sorted(set(batch["domain"]))
+        per_sample = torch.tensor([domains.index(d) for d in batch["domain"]])
+        self.domain_routing.update(records, mask, per_sample[:, None].expand_as(mask), domains)
+        image_slots = batch["input_ids"] == self.model.image_token_id
+        modality = torch.where(image_slots, MODALITIES.index("image"), MODALITIES.index("text"))
+        self.modality_routing.update(records, mask, modality, list(MODALITIES))
+
+    def on_validation_epoch_end(self) -> None:
+        self.domain_routing.log(self, "val")
+        self.modality_routing.log(self, "val")
+
     def on_test_epoch_end(self) -> None:
         self.domain_routing.log(self, "test")
+        self.modality_routing.log(self, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         records = []
