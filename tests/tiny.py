@@ -212,14 +212,22 @@ def write_image_folder(name: str, classes: int = 2, images: int = 4) -> Path:
     return root
 
 
-def write_tiny_experts(folders, seed: int = 0) -> None:
-    """Random LoRA experts on every linear of the tiny reasoning Llama, saved at `folders` (relative
+def write_tiny_experts(folders, seed: int = 0, language_model: bool = False) -> None:
+    """Random LoRA experts on every linear of the tiny reasoning Llama (`language_model`: of the
+    tiny multimodal overlay's LM, inside a vision-language model), saved at `folders` (relative
     to the working directory), so mixture configs find experts that fit their tiny model."""
     from lightning_moe.adapters import AdapterRule, LoraConfig, inject, save_adapter
     from lightning_moe.tasks.reasoning import build_causal_lm
 
+    overlay_lm = yaml.safe_load((TEST_CONFIGS / "multimodal.yaml").read_text())["model"]["init_args"]
     for index, folder in enumerate(sorted(folders)):
-        model = build_causal_lm(None, TINY_REASONING_LLAMA, 0, torch.float32)
+        if language_model:  # named as inside VisionLanguageModel
+            model = nn.Module()
+            model.language_model = build_causal_lm(
+                None, overlay_lm["language_model_config"], 0, torch.float32
+            )
+        else:
+            model = build_causal_lm(None, TINY_REASONING_LLAMA, 0, torch.float32)
         rules = [AdapterRule(targets=LLAMA_LINEARS, adapter=LoraConfig(rank=2 + index % 2))]
         inject(model, rules)
         torch.manual_seed(seed + index)
@@ -284,6 +292,12 @@ def write_files_configs_read(configs: list[Path]) -> None:
     experts = sorted({folder for tree in trees for folders in _values(tree, "experts") for folder in folders})
     gates = [path for tree in trees for path in _values(tree, "adapter_path") if path]
     judges = [path for tree in trees for path in _values(tree, "judge_path") if path]
+    upcycled = {
+        folder for tree in trees for folders in _values(tree, "expert_init") for folder in folders if folder
+    }
+    write_tiny_experts(
+        [folder for folder in sorted(upcycled) if not Path(folder).exists()], language_model=True
+    )
     if any(folder.startswith("runs/diffusion") for folder in experts) or judges:
         write_tiny_diffusion_files(experts, gates[-1] if gates else None, judges[-1] if judges else None)
     elif experts:

@@ -1,0 +1,125 @@
+"""Uni-MoE's progressive recipe as chained configs through the real CLI (tiny parts): connector,
+modality-specific LoRAs on single-modality data, then unified tuning whose experts start from
+them and whose routers respect each sample's modality; and the per-modality routing records."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_moe.adapters import adapted_layers
+from lightning_moe.adapters.routing import MODALITIES
+from tests.tiny import REPO
+
+CONFIGS = REPO / "configs/multimodal"
+ALIGNED = "runs/multimodal/align/fit/adapter/projector.safetensors"
+IMAGE_STAGE = "runs/multimodal/unimoe_image_experts/fit/adapter"
+TEXT_STAGE = "runs/multimodal/unimoe_text_experts/fit/adapter"
+MIX = "--data.init_args.domains=[digits, grid, arithmetic]"
+
+
+@pytest.fixture
+def run(run_config):
+    return lambda name, subcommand, *args: run_config(CONFIGS / name, subcommand, *args)
+
+
+def lora_factors(folder, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = load_file(f"{folder}/adapter_model.safetensors")
+    (a,) = [v for k, v in weights.items() if layer in k and k.endswith("lora_A")]
+    (b,) = [v for k, v in weights.items() if layer in k and k.endswith("lora_B")]
+    return a, b
+
+
+def test_the_stages_chain_and_the_unified_model_starts_from_the_modality_experts(run, tmp_path):
+    run("align_smollm2.yaml", "fit", "--trainer.max_steps=2")
+    image = run(
+        "unimoe_image_experts.yaml",
+        "fit",
+        "--trainer.max_steps=2",
+        f"--model.init_args.projector_path={ALIGNED}",
+    )
+    assert set(image.datamodule.domains) == {"digits", "grid", "textile"}
+    text = run(
+        "unimoe_text_experts.yaml",
+        "fit",
+        "--trainer.max_steps=2",
+        f"--model.init_args.projector_path={ALIGNED}",
+        "--data.init_args.domains=[arithmetic]",
+    )
+    assert text.datamodule.splits["train"] and all(e.image is None for e in text.datamodule.splits["train"])
+
+    unified = run(
+        "unimoe_smollm2.yaml",
+        "fit",
+        "--trainer.max_steps=1",
+        MIX,
+        f"--model.init_args.projector_path={IMAGE_STAGE}/projector.safetensors",
+        "--model.init_args.optimizer.init_args.lr=0.0",  # weights stay at their start
+        "--model.init_args.router_lr=0.0",
+        "--model.init_args.extra_lr=0.0",
+    )
+    layers = dict(adapted_layers(unified.model.model))
+    name = "language_model.model.layers.1.mlp.up_proj"
+    experts = layers[name].adapter.experts
+    for expert, folder in ((0, IMAGE_STAGE), (1, TEXT_STAGE)):
+        a, b = lora_factors(folder, name)
+        rank = a.shape[0]
+        torch.testing.assert_close(experts.lora_A[expert, :rank], a)
+        torch.testing.assert_close(
+            experts.lora_B[expert, :, :rank] * experts.scaling, b * 2.0
+        )  # alpha 16 / rank 8
+        assert torch.all(experts.lora_A[expert, rank:] == 0)
+    projector = load_file(f"{IMAGE_STAGE}/projector.safetensors")
+    for key, value in projector.items():
+        torch.testing.assert_close(unified.model.model.projector.state_dict()[key], value)
+
+    # each sample's tokens route only among its modality's experts and the shared ones
+    batch = next(iter(unified.datamodule.test_dataloader()))
+    unified.model.eval()
+    with unified.model.injection.collector.capture() as records, torch.no_grad():
+        unified.model.task_loss(batch)
+    chosen = records[name].indices  # [batch, tokens, 2]
+    real = batch["attention_mask"].bool()
+    for row, domain in enumerate(batch["domain"]):
+        used = set(chosen[row][real[row]].flatten().tolist())
+        assert used <= ({1, 2, 3} if domain == "arithmetic" else {0, 2, 3}), (domain, used)
+
+
+def test_test_runs_log_routing_per_modality_and_mutual_information_per_layer(run, tmp_path):
+    run("mole_smollm2.yaml", "fit", "--trainer.max_steps=2")
+    (adapter,) = tmp_path.rglob("mole_smollm2/version_0/adapter")
+    tested = run("mole_smollm2.yaml", "test", f"--model.init_args.adapter_path={adapter}")
+    metrics = tested.trainer.callback_metrics
+    for modality in ("text", "image"):
+        shares = [float(metrics[f"test/modality_expert_share/{modality}/{e}"]) for e in range(4)]
+        assert sum(shares) == pytest.approx(1.0)
+    assert 0.0 <= float(metrics["test/domain_expert_mi/mean"]) <= float(metrics["test/domain_expert_mi/max"])
+    assert float(metrics["test/domain_expert_mi/max"]) <= 1.59  # log2 of the 3 domains
+
+    (record_file,) = tmp_path.rglob("mole_smollm2/version_1/test_domain_routing.json")
+    record = json.loads(record_file.read_text())
+    assert sorted(record["groups"]) == ["digits", "grid", "textile"]
+    layers = record["layers"]
+    assert len(layers) == 2 * 3  # 2 blocks x the MLP's 3 linears
+    counts = torch.tensor(layers["language_model.model.layers.0.mlp.down_proj"]["counts"])
+    tokens = int(sum(batch["attention_mask"].sum() for batch in tested.datamodule.test_dataloader()))
+    assert counts.shape == (3, 4) and int(counts.sum()) == tokens  # top-1: one choice per real token
+    (modality_file,) = tmp_path.rglob("mole_smollm2/version_1/test_modality_routing.json")
+    modality = json.loads(modality_file.read_text())
+    assert modality["groups"] == list(MODALITIES)
+    image_counts = torch.tensor(modality["layers"]["language_model.model.layers.0.mlp.down_proj"]["counts"])[
+        1
+    ]
+    slots = sum(
+        int((b["input_ids"] == tested.model.model.image_token_id).sum())
+        for b in tested.datamodule.test_dataloader()
+    )
+    assert int(image_counts.sum()) == slots
+
+    (events,) = tmp_path.rglob("mole_smollm2/version_1/events*")
+    accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+    accumulator.Reload()
+    images = set(accumulator.Tags()["images"])
+    assert {"test/domain_expert_share", "test/domain_expert_mi", "test/modality_expert_share"} <= images
