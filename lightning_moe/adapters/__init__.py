@@ -38,4 +38,5 @@ from .layer import AdaptedLinear
 from .lora_mixture import LoraMixtureAdapter, expert_references, fixed_mixture_size, set_mixture_weights
 from .peft_interop import export_peft, import_peft
 from .routing import RoutingCollector, RoutingRecord
-from .rules import AdapterRule, mixlora_rules, mole_rules
+from .presets import mixlora_rules, mole_rules
+from .rules import AdapterRule

@@ -10,10 +10,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .adapter_folder import check_fingerprints, layer_fingerprint
 from .backends import Backend, expert_backend
 from .base import Adapter, register_adapter
-from .errors import AdapterConfigError
+from .errors import AdapterCheckpointError, AdapterConfigError
 from .lora import LowRankConfig, kaiming_uniform_rows_
+from .lora_factors import PretrainedLora, check_factor_shapes, read_pretrained_lora
 from .routing import BLOCKED_LOGIT, MODALITIES, SHARED, RouterGradient, TopKRouter
 
 ModalityRouting = Literal["restrict", "bias"]
@@ -207,9 +209,6 @@ class MoEAdapter(Adapter):
 
     @classmethod
     def prepare(cls, layers: Mapping[str, nn.Module]) -> None:
-        # imported here: the folder readers import the adapter rules, which import this module
-        from .upcycling import upcycle_experts
-
         upcycle_experts(layers)
 
     @torch.no_grad()
@@ -261,3 +260,34 @@ def router_arguments(config: MoEConfig) -> dict:
         "input_norm": config.router_norm,
         "init_std": config.router_init_std,
     }
+
+
+def upcycle_experts(layers: Mapping[str, nn.Module]) -> None:
+    """Start the experts of every MoE layer with `expert_init` from those LoRA folders (each read
+    once). A folder made for another base (layer shapes or fingerprint) or with a larger rank than
+    the experts' is refused, naming it; a layer the folder does not adapt keeps its fresh expert."""
+    read: dict[str, PretrainedLora] = {}
+    for name, layer in layers.items():
+        folders = getattr(layer.config, "expert_init", None)
+        if not isinstance(layer.adapter, MoEAdapter) or not folders:
+            continue
+        for expert, folder in enumerate(folders):
+            if folder is None:
+                continue
+            if folder not in read:
+                read[folder] = read_pretrained_lora(folder)
+            lora = read[folder]
+            if name not in lora.factors:
+                continue
+            lora_A, lora_B = lora.factors[name]
+            check_factor_shapes(name, lora_A, lora_B, layer.base_layer, folder)
+            if lora_A.shape[0] > layer.config.rank:
+                raise AdapterCheckpointError(
+                    f"expert_init {folder}: its LoRA at {name!r} has rank {lora_A.shape[0]}, more than the "
+                    f"experts' rank={layer.config.rank}"
+                )
+            if name in lora.fingerprint:
+                check_fingerprints(
+                    {name: layer_fingerprint(layer.base_layer)}, {name: lora.fingerprint[name]}, folder
+                )
+            layer.adapter.start_expert_from(expert, lora_A, lora_B)

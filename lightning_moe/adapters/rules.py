@@ -1,4 +1,4 @@
-"""Injection rules: which modules of a model get which adapter, and the presets of the papers.
+"""Injection rules: which modules of a model get which adapter (the papers' presets are in presets.py).
 
 In YAML a rule is `{targets: [...], adapter: {kind: <kind>, <option>: ...}, regex: false}`; the
 `adapter` mapping is checked against its kind's config class (`base.config_from_dict`), so a
@@ -11,12 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import Backend
 from .base import AdapterConfig, config_from_dict
 from .errors import AdapterConfigError, AdapterOptionError
-from .lora import LoraConfig
-from .moe import MoEConfig
-from .routing import RouterGradient
 
 
 def target_matches(name: str, pattern: str, regex: bool) -> bool:
@@ -67,48 +63,3 @@ class AdapterRule:
         return cls(
             targets=list(data["targets"]), adapter=dict(data["adapter"]), regex=data.get("regex", False)
         )
-
-
-LLAMA_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-LLAMA_ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-
-
-def mole_rules(
-    num_experts: int = 4,
-    rank: int = 8,
-    alpha: float = 16.0,
-    mlp_targets: list[str] | None = None,
-    router_gradient: RouterGradient = "prob",
-    backend: Backend = "auto",
-) -> list[AdapterRule]:
-    """LLaVA-MoLE: top-1 LoRA experts on the MLP linears only."""
-    moe = MoEConfig(
-        rank=rank,
-        alpha=alpha,
-        num_experts=num_experts,
-        top_k=1,
-        router_gradient=router_gradient,
-        backend=backend,
-    )
-    return [AdapterRule(targets=mlp_targets or list(LLAMA_MLP), adapter=moe)]
-
-
-def mixlora_rules(
-    num_experts: int = 8,
-    top_k: int = 2,
-    rank: int = 8,
-    alpha: float = 16.0,
-    mlp_targets: list[str] | None = None,
-    attention_targets: list[str] | None = None,
-    backend: Backend = "auto",
-) -> list[AdapterRule]:
-    """MixLoRA: top-k (k >= 2) LoRA experts on the FFN plus a plain LoRA on attention."""
-    if top_k < 2:
-        raise AdapterConfigError(f"MixLoRA routes each token to top_k >= 2 experts, got top_k={top_k}")
-    moe = MoEConfig(rank=rank, alpha=alpha, num_experts=num_experts, top_k=top_k, backend=backend)
-    return [
-        AdapterRule(targets=mlp_targets or list(LLAMA_MLP), adapter=moe),
-        AdapterRule(
-            targets=attention_targets or list(LLAMA_ATTENTION), adapter=LoraConfig(rank=rank, alpha=alpha)
-        ),
-    ]

@@ -9,7 +9,13 @@ from torch import nn
 from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject, save_adapter
 from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
 from lightning_moe.adapters.moe import MoEAdapter
-from lightning_moe.adapters.routing import BLOCKED_LOGIT, MODALITIES, RoutingCollector, TokenModalities, TopKRouter
+from lightning_moe.adapters.routing import (
+    BLOCKED_LOGIT,
+    MODALITIES,
+    RoutingCollector,
+    TokenModalities,
+    TopKRouter,
+)
 from lightning_moe.routing_logging import mutual_information
 
 TEXT, IMAGE, AUDIO = (MODALITIES.index(m) for m in ("text", "image", "audio"))
