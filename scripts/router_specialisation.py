@@ -9,8 +9,10 @@ The model is a frozen random tiny Llama (vocab 256, width 64, 2 blocks) with MoL
 and (x - 1) mod 254 in the other, so the same input token needs opposite outputs, told apart only
 by the domain token the attention can see. Each variant trains with AdamW (lr 1e-3, batch 32)
 and is measured on 256 held-out sequences at steps 150, 300 and 600: accuracy, the routers'
-normalised entropy, and the mutual information between domain and chosen expert per routed layer
-(mean over the 6 layers, and the best layer; at most 1 bit).
+normalised entropy, the mutual information between domain and chosen expert per routed layer
+(mean over the 6 layers, and the best layer; at most 1 bit), and how well a linear probe tells
+the domain from the routed layers' inputs (the best layer; 0.5 is chance): what a router could
+use at most.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject, routing_statistics
+from lightning_moe.adapters import (
+    AdapterRule,
+    LoraConfig,
+    MoEConfig,
+    adapted_layers,
+    inject,
+    routing_statistics,
+)
 from lightning_moe.router_losses import RouterLoss, RouterLosses
 from lightning_moe.routing_logging import GroupRouting, normalised_entropy
 from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm
@@ -51,6 +60,7 @@ class Variant:
     scope: str = "batch"
     router_lr_factor: float = 1.0
     batch: int = BATCH
+    attention_lora: bool = False  # a rank-8 LoRA on q/k/v/o too, as the multimodal MoLE config has
 
 
 VARIANTS = [
@@ -71,7 +81,17 @@ VARIANTS = [
         router_lr_factor=10.0,
         batch=8,
     ),
+    Variant("MoLE, top-2", {"top_k": 2}),
+    Variant("MoLE, jitter noise 0.1", {"jitter_noise": 0.1}),
+    Variant("MoLE + LoRA on attention", attention_lora=True),
+    Variant(
+        "MoLE + LoRA on attention, router lr x10 + RMS-normalised input",
+        {"router_norm": True},
+        router_lr_factor=10.0,
+        attention_lora=True,
+    ),
 ]
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 
 
 def conflict_batch(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,8 +111,11 @@ def build(variant: Variant, seed: int):
         options.pop("kind")
         config = LoraConfig(alpha=2 * options["rank"], **options)
     else:
-        config = MoEConfig(rank=8, alpha=16, num_experts=4, top_k=1, backend="dense", **options)
-    report = inject(model, [AdapterRule(targets=MLP, adapter=config)])
+        config = MoEConfig(rank=8, alpha=16, **({"num_experts": 4, "top_k": 1, "backend": "dense"} | options))
+    rules = [AdapterRule(targets=MLP, adapter=config)]
+    if variant.attention_lora:
+        rules.append(AdapterRule(targets=ATTENTION, adapter=LoraConfig(rank=8, alpha=16)))
+    report = inject(model, rules)
     routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     groups = [{"params": others}] + (
@@ -107,15 +130,50 @@ def loss_of(model, ids, labels) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def probe_accuracy(inputs: torch.Tensor, domain: torch.Tensor) -> float:
+    """How well a linear probe tells the domain from a layer's inputs at the content tokens:
+    logistic regression fitted on half the sequences, scored on the other half (0.5 = chance)."""
+    features = inputs[:, 1:].reshape(-1, inputs.shape[-1])
+    labels = domain[:, None].expand(-1, inputs.shape[1] - 1).reshape(-1).float()
+    features = (features - features.mean(0)) / features.std(0).clamp_min(1e-8)
+    half = len(features) // 2
+    weight = torch.zeros(features.shape[1] + 1, requires_grad=True)
+    design = torch.cat([features, torch.ones(len(features), 1)], dim=1)
+    optimizer = torch.optim.LBFGS([weight], max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (
+            F.binary_cross_entropy_with_logits(design[:half] @ weight, labels[:half])
+            + 1e-3 * weight.square().sum()
+        )
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(((design[half:] @ weight > 0).float() == labels[half:]).float().mean())
+
+
 @torch.no_grad()
 def measure(model, collector, held_out) -> dict[str, float]:
     ids, labels, domain = held_out
     model.eval()
+    inputs = {}
+    hooks = [
+        layer.register_forward_hook(lambda module, args, output, name=name: inputs.__setitem__(name, args[0]))
+        for name, layer in adapted_layers(model)
+        if layer.config.kind == "moe"
+    ]
     with collector.capture() as records:
         logits = model(input_ids=ids).logits
+    for hook in hooks:
+        hook.remove()
     model.train()
     real = labels != -100
     result = {"accuracy": float((logits.argmax(-1) == labels)[real].float().mean())}
+    if inputs:
+        result["probe"] = max(probe_accuracy(x, domain) for x in inputs.values())
     if records:
         grouping = GroupRouting("domain")
         mask = torch.ones_like(ids)
@@ -164,8 +222,9 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(1)  # comparable per-run times whatever else runs
     lines = [
-        "| variant | MI mean, step 150 · 300 · 600 | MI best layer, step 600 | entropy, 600 | accuracy, 600 | s/run |",
-        "|---|---|---|---|---|---|",
+        "| variant | MI mean, step 150 · 300 · 600 | MI best layer, step 600 | entropy, 600 | domain probe, 600 "
+        "| accuracy, 600 | s/run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         started = time.perf_counter()
@@ -174,7 +233,7 @@ def main() -> None:
         progress = " · ".join(cell(results, step, "mi_mean") for step in CHECKPOINTS)
         lines.append(
             f"| {variant.name} | {progress} | {cell(results, 600, 'mi_best')} | {cell(results, 600, 'entropy')} "
-            f"| {cell(results, 600, 'accuracy')} | {seconds:.0f} |"
+            f"| {cell(results, 600, 'probe')} | {cell(results, 600, 'accuracy')} | {seconds:.0f} |"
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines)

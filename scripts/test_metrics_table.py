@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="+", help="NAME=run_dir[,run_dir...]")
     parser.add_argument("--prefix", default="test/accuracy/")
+    parser.add_argument("--scale", type=float, default=100.0, help="100: fractions as percent; 1: as logged")
     args = parser.parse_args()
     table = {}
     for row in args.rows:
@@ -39,8 +40,9 @@ def main() -> None:
         cells = []
         for column in columns + ["mean"]:
             values = [mean(run.values()) if column == "mean" else run[column] for run in runs]
-            each = ", ".join(f"{100 * v:.0f}" for v in values)
-            cells.append(f"{100 * mean(values):.1f} ({each})")
+            digits = 0 if args.scale >= 100 else 2
+            each = ", ".join(f"{args.scale * v:.{digits}f}" for v in values)
+            cells.append(f"{args.scale * mean(values):.{digits + 1}f} ({each})")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
