@@ -224,7 +224,7 @@ class GroupRouting:
             logger.experiment.add_figure(f"{stage}/{self.what}_expert_share", figure, module.global_step)
             logger.experiment.add_figure(
                 f"{stage}/{self.what}_expert_mi",
-                information_figure(information, self.what),
+                information_figure(information, self.what, len(self.groups)),
                 module.global_step,
             )
         if logger is not None and logger.log_dir and module.global_rank == 0:
@@ -245,8 +245,9 @@ class GroupRouting:
         return information
 
 
-def information_figure(information: Mapping[str, float], what: str) -> Figure:
-    """The mutual information of every routed layer as blocks down, projections across."""
+def information_figure(information: Mapping[str, float], what: str, groups: int) -> Figure:
+    """The mutual information of every routed layer as blocks down, projections across, on a
+    colour scale up to its maximum, log2(groups), so runs compare at a glance."""
     rows, roles, place = block_grid(list(information))
     values = np.full((len(rows), len(roles)), np.nan)
     for layer, bits in information.items():
@@ -256,6 +257,7 @@ def information_figure(information: Mapping[str, float], what: str) -> Figure:
         short_names(rows),
         [role.split(".")[-1] or "layer" for role in roles],
         f"mutual information between {what} and chosen expert",
-        "bits",
+        f"bits (at most {math.log2(max(groups, 2)):.2f})",
+        vmax=math.log2(max(groups, 2)),
         cell_format="{:.2f}",
     )
