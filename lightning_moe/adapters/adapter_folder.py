@@ -263,7 +263,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, freeze_base: bool 
     if not folder.is_dir():
         raise AdapterCheckpointError(f"adapter folder {folder} does not exist")
     config = read_adapter_config(folder)
-    rules = read_rules(folder, config)
+    saved = read_rules(folder, config)
+    rules = [AdapterRule(rule.targets, rule.config.for_saved_weights(), rule.regex) for rule in saved]
     check_base(model, config.get("fingerprint", {}), str(folder))
     tensors = read_weights(folder)
     source = str(folder / WEIGHTS_FILE)

@@ -33,6 +33,11 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
+    def for_saved_weights(self) -> AdapterConfig:
+        """The config that rebuilds a saved adapter: options that only choose the starting
+        weights (which the saved ones replace) are dropped, so loading reads no other files."""
+        return self
+
 
 class Adapter(nn.Module):
     """The delta an adapted linear layer adds to its frozen base layer's output.

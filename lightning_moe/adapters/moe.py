@@ -3,6 +3,7 @@ MLP; MixLoRA: top-2 on the FFN), the experts stored stacked so every backend ser
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -97,6 +98,13 @@ class MoEConfig(LowRankConfig):
                 )
         if self.expert_modalities is not None:
             self.allowed_experts()  # checks the names and that every modality has top_k experts
+        if self.expert_init is not None and self.init == "eva":
+            raise AdapterConfigError(
+                "expert_init sets the experts' start, so it cannot be combined with init='eva'"
+            )
+
+    def for_saved_weights(self) -> MoEConfig:
+        return dataclasses.replace(self, expert_init=None) if self.expert_init else self
 
     def allowed_experts(self) -> list[list[bool]]:
         """Per modality (MODALITIES order): which experts its tokens may use."""

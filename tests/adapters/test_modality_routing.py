@@ -2,11 +2,13 @@
 normalisation and init scale, experts started from trained LoRAs, and a check that routers
 separate two domains where one low-rank update cannot serve both."""
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject, save_adapter
+from lightning_moe.adapters import AdapterRule, LoraConfig, MoEConfig, inject, load_adapter, save_adapter
 from lightning_moe.adapters.errors import AdapterCheckpointError, AdapterConfigError
 from lightning_moe.adapters.moe import MoEAdapter
 from lightning_moe.adapters.routing import (
@@ -97,6 +99,7 @@ def test_a_modality_without_own_or_shared_experts_routes_over_all():
         ({"expert_modalities": ["image", "text", "text", "text"], "top_k": 2}, "image tokens may use 1"),
         ({"expert_init": [None]}, "one entry per expert"),
         ({"router_init_std": 0.0}, "router_init_std must be > 0"),
+        ({"expert_init": [None] * 4, "init": "eva"}, "cannot be combined with init='eva'"),
     ],
 )
 def test_bad_modality_and_router_settings_are_refused(options, message):
@@ -155,6 +158,24 @@ def test_experts_start_from_the_given_lora_folders(tmp_path):
     assert report.collector is not None
     assert torch.all(model[0].adapter.experts.lora_B[0] == 0)  # expert 0 kept its fresh start
 
+    # the saved mixture loads without its source folders: saved weights replace the start
+    save_adapter(
+        model, [AdapterRule(targets=["0", "2"], adapter=moe)], tmp_path / "unified", base_model="tiny"
+    )
+    shutil.rmtree(tmp_path / "text_lora")
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))
+    fresh.load_state_dict(
+        {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "adapter" not in k}
+    )
+    load_adapter(fresh, tmp_path / "unified")
+    torch.testing.assert_close(fresh(x), reference(x))
+    with pytest.raises(AdapterCheckpointError, match="text_lora"):
+        inject(
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)),
+            [AdapterRule(targets=["0"], adapter=moe)],
+        )
+
+    save_adapter(reference, lora_rules, tmp_path / "text_lora", base_model="tiny")
     small = MoEConfig(rank=1, num_experts=2, top_k=1, expert_init=[str(tmp_path / "text_lora"), None])
     fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))
     with pytest.raises(AdapterCheckpointError, match="rank 2, more than the experts' rank=1"):
