@@ -172,10 +172,11 @@ class GroupRouting:
         self, records: Mapping[str, RoutingRecord], mask: torch.Tensor, labels: torch.Tensor, names: list[str]
     ) -> None:
         """labels: [batch, tokens] indices into `names`, the group of every token (mask selects real ones)."""
-        for name in names:
-            if name not in self.groups:
-                self.groups.append(name)
-        column = torch.tensor([self.groups.index(n) for n in names])
+        real_labels = labels.cpu()[mask.bool().cpu()]
+        for index in sorted(set(real_labels.tolist())):  # groups appear once they have a real token
+            if names[index] not in self.groups:
+                self.groups.append(names[index])
+        column = torch.tensor([self.groups.index(n) if n in self.groups else -1 for n in names])
         for layer, record in records.items():
             if record.indices.dim() != 3:  # [batch, tokens, k] only
                 continue

@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="+", help="NAME=run_dir[,run_dir...]")
     parser.add_argument("--prefix", default="test/accuracy/")
+    parser.add_argument("--no-mean", action="store_true", help="no mean-over-columns column")
     parser.add_argument("--scale", type=float, default=100.0, help="100: fractions as percent; 1: as logged")
     args = parser.parse_args()
     table = {}
@@ -34,11 +35,12 @@ def main() -> None:
         name, _, dirs = row.partition("=")
         table[name] = [last_scalars(d, args.prefix) for d in dirs.split(",")]
     columns = sorted(next(iter(table.values()))[0])
-    print("| model | " + " | ".join(columns) + " | mean |")
-    print("|---|" + "---:|" * (len(columns) + 1))
+    totals = [] if args.no_mean else ["mean"]
+    print("| model | " + " | ".join(columns + totals) + " |")
+    print("|---|" + "---:|" * (len(columns) + len(totals)))
     for name, runs in table.items():
         cells = []
-        for column in columns + ["mean"]:
+        for column in columns + totals:
             values = [mean(run.values()) if column == "mean" else run[column] for run in runs]
             digits = 0 if args.scale >= 100 else 2
             each = ", ".join(f"{args.scale * v:.{digits}f}" for v in values)

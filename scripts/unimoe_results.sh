@@ -46,7 +46,7 @@ echo "== per-domain accuracy (%), mean over seeds (each seed)"
 $PY scripts/test_metrics_table.py "lora=$(tests mix-lora)" "lora2x=$(tests mix-lora2x)" \
   "mole=$(tests mix-mole)" "unimoe=$(tests unimoe)"
 echo "== mutual information between domain and expert (bits; mean and best layer)"
-$PY scripts/test_metrics_table.py --scale 1 --prefix test/domain_expert_mi/ "mole=$(tests mix-mole)" "unimoe=$(tests unimoe)"
+$PY scripts/test_metrics_table.py --no-mean --scale 1 --prefix test/domain_expert_mi/ "mole=$(tests mix-mole)" "unimoe=$(tests unimoe)"
 echo "== share of each domain's routed tokens per expert (%), first seed"
 first=${SEEDS%% *}
 $PY scripts/test_metrics_table.py --prefix test/expert_share/ "mole=$OUT/mix-mole/seed$first-test" \
