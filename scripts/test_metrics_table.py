@@ -40,8 +40,9 @@ def main() -> None:
     print("|---|" + "---:|" * (len(columns) + len(totals)))
     for name, runs in table.items():
         cells = []
-        for column in columns + totals:
-            values = [mean(run.values()) if column == "mean" else run[column] for run in runs]
+        for index, column in enumerate(columns + totals):
+            total = index >= len(columns)  # the mean over columns (a metric may be named "mean" too)
+            values = [mean(run.values()) if total else run[column] for run in runs]
             digits = 0 if args.scale >= 100 else 2
             each = ", ".join(f"{args.scale * v:.{digits}f}" for v in values)
             cells.append(f"{args.scale * mean(values):.{digits + 1}f} ({each})")

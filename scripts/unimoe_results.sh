@@ -54,3 +54,9 @@ $PY scripts/test_metrics_table.py --prefix test/expert_share/ "mole=$OUT/mix-mol
 echo "== share of each modality's routed tokens per expert (%), first seed"
 $PY scripts/test_metrics_table.py --prefix test/modality_expert_share/ "mole=$OUT/mix-mole/seed$first-test" \
   "unimoe=$OUT/unimoe/seed$first-test"
+echo "== mutual information per layer and block, all domains and the image domains only"
+for run in mix-mole unimoe; do
+  for seed in $SEEDS; do $PY scripts/routing_information.py "$OUT/$run/seed$seed-test" --among fashion digits textile grid; done
+done
+echo "== trivial baselines"
+$PY scripts/multimodal_baselines.py
