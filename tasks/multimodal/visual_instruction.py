@@ -146,13 +146,13 @@ class VisualInstructionTask(AdapterModule):
 
     def token_modalities(self, input_ids: Tensor) -> TokenModalities:
         """Each token's modality (see `modality_scope`) for the routers that restrict by it."""
-        image = MODALITIES.index("image")
+        text, image = MODALITIES.index("text"), MODALITIES.index("image")
         slots = input_ids == self.model.image_token_id
-        has_image = slots.any(dim=1)
         if self.modality_scope == "sample":
-            per_sample = torch.where(has_image, image, MODALITIES.index("text"))
+            per_sample = torch.where(slots.any(dim=1), image, text)
             return TokenModalities(per_sample[:, None].expand_as(input_ids), per_sample)
-        return TokenModalities(torch.where(slots, image, 0), torch.zeros_like(has_image, dtype=torch.long))
+        generated = torch.full((len(input_ids),), text, device=input_ids.device)
+        return TokenModalities(torch.where(slots, image, text), generated)
 
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         with self.injection.collector.modalities(self.token_modalities(batch["input_ids"])):

@@ -123,3 +123,26 @@ def test_test_runs_log_routing_per_modality_and_mutual_information_per_layer(run
     accumulator.Reload()
     images = set(accumulator.Tags()["images"])
     assert {"test/domain_expert_share", "test/domain_expert_mi", "test/modality_expert_share"} <= images
+
+
+def test_token_scope_sends_image_slots_and_text_tokens_to_their_own_experts(run):
+    unified = run(
+        "unimoe_smollm2.yaml", "fit", "--trainer.max_steps=1", "--model.init_args.modality_scope=token"
+    )
+    batch = next(iter(unified.datamodule.test_dataloader()))
+    unified.model.eval()
+    with unified.model.injection.collector.capture() as records, torch.no_grad():
+        unified.model.task_loss(batch)
+    slots = batch["input_ids"] == unified.model.model.image_token_id
+    real = batch["attention_mask"].bool()
+    assert slots.any()
+    for name, record in records.items():
+        chosen = record.indices  # [batch, tokens, 2]
+        assert set(chosen[slots].flatten().tolist()) <= {0, 2, 3}, name
+        assert set(chosen[real & ~slots].flatten().tolist()) <= {1, 2, 3}, name
+    # generation: each new token is text, so it never reaches the image expert (the records
+    # keep each layer's last decision: the last generated token's)
+    with unified.model.injection.collector.capture() as records, torch.no_grad():
+        unified.model.generate(batch)
+    assert records and all(r.indices.shape[1] == 1 for r in records.values())
+    assert all(0 not in r.indices.flatten().tolist() for r in records.values())
