@@ -172,18 +172,18 @@ class GroupRouting:
         self, records: Mapping[str, RoutingRecord], mask: torch.Tensor, labels: torch.Tensor, names: list[str]
     ) -> None:
         """labels: [batch, tokens] indices into `names`, the group of every token (mask selects real ones)."""
-        real_labels = labels.cpu()[mask.bool().cpu()]
+        real = mask.bool().cpu()
+        real_labels = labels.cpu()[real]
         for index in sorted(set(real_labels.tolist())):  # groups appear once they have a real token
             if names[index] not in self.groups:
                 self.groups.append(names[index])
         column = torch.tensor([self.groups.index(n) if n in self.groups else -1 for n in names])
+        group = column[real_labels]  # [real tokens]
         for layer, record in records.items():
             if record.indices.dim() != 3:  # [batch, tokens, k] only
                 continue
             experts = record.num_experts
-            real = mask.bool().cpu()
             chosen = record.indices.cpu()[real]  # [real tokens, k]
-            group = column[labels.cpu()[real]]  # [real tokens]
             pairs = group[:, None] * experts + chosen
             table = torch.bincount(pairs.flatten(), minlength=len(self.groups) * experts)
             table = table.view(len(self.groups), experts).float()
