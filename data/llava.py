@@ -210,7 +210,7 @@ def grid_examples(split: str, count: int, rng: random.Random, mnist: ImageSet) -
 
 
 def arithmetic_examples(split: str, count: int, rng: random.Random) -> list[Example]:
-    """Text only: the digits domain's sums and products, asked about numbers written out, so a
+    """Text only: the digits domain's sums and products asked in plain text, with no image, so a
     text expert has single-modality data of its own (the test split uses other operand pairs)."""
     pairs = [(a, b) for a in range(10) for b in range(1, 10) if ((a * 9 + b) % 5 == 4) == (split == "test")]
     examples = []
