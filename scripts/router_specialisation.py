@@ -8,7 +8,7 @@ The model is a frozen random tiny Llama (vocab 256, width 64, 2 blocks) with MoL
 (254 or 255) followed by 16 random tokens x; the target at each x is (x + 1) mod 254 in one domain
 and (x - 1) mod 254 in the other, so the same input token needs opposite outputs, told apart only
 by the domain token the attention can see. Each variant trains with AdamW (lr 1e-3, batch 32)
-and is measured on 256 held-out sequences at steps 150, 300 and 600: accuracy, the routers'
+and is measured on 256 held-out sequences at steps 150, 300 and 600 (`--checkpoints`): accuracy, the routers'
 normalised entropy, the mutual information between domain and chosen expert per routed layer
 (mean over the 6 layers, and the best layer; at most 1 bit), and how well a linear probe tells
 the domain from the routed layers' inputs (the best layer; 0.5 is chance): what a router could
@@ -18,6 +18,7 @@ use at most.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ VARIANTS = [
     Variant("MoLE, no balance loss", balance=0.0),
     Variant("MoLE, balance 0.1", balance=0.1),
     Variant("MoLE, router lr x10", router_lr_factor=10.0),
+    Variant("MoLE, router lr x10, no balance loss", balance=0.0, router_lr_factor=10.0),
     Variant("MoLE, router input RMS-normalised", {"router_norm": True}),
     Variant("MoLE, router init std 0.5", {"router_init_std": 0.5}),
     Variant("MoLE, straight-through top-1", {"router_gradient": "straight_through"}),
@@ -188,13 +190,15 @@ def measure(model, collector, held_out) -> dict[str, float]:
     return result
 
 
-def run(variant: Variant, seed: int) -> dict[int, dict[str, float]]:
+def run(
+    variant: Variant, seed: int, checkpoints: tuple[int, ...] = CHECKPOINTS
+) -> dict[int, dict[str, float]]:
     model, collector, optimizer = build(variant, seed)
     losses = RouterLosses(RouterLoss(balance_coef=variant.balance, balance_scope=variant.scope), model)
     data = torch.Generator().manual_seed(1000 + seed)
     held_out = conflict_batch(256, torch.Generator().manual_seed(7))
     measured = {}
-    for step in range(1, max(CHECKPOINTS) + 1):
+    for step in range(1, max(checkpoints) + 1):
         ids, labels, _ = conflict_batch(variant.batch, data)
         with collector.capture() as records:
             loss = loss_of(model, ids, labels)
@@ -203,7 +207,7 @@ def run(variant: Variant, seed: int) -> dict[int, dict[str, float]]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step in CHECKPOINTS:
+        if step in checkpoints:
             measured[step] = measure(model, collector, held_out)
     return measured
 
@@ -219,25 +223,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--output", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument(
+        "--checkpoints", type=int, nargs="+", default=list(CHECKPOINTS), help="steps measured"
+    )
+    parser.add_argument("--only", default="", help="run only the variants whose name contains this")
     arguments = parser.parse_args()
     torch.set_num_threads(1)  # comparable per-run times whatever else runs
+    checkpoints, last = tuple(arguments.checkpoints), max(arguments.checkpoints)
     lines = [
-        "| variant | MI mean, step 150 · 300 · 600 | MI best layer, step 600 | entropy, 600 | domain probe, 600 "
-        "| accuracy, 600 | s/run |",
+        f"| variant | MI mean, step {' · '.join(map(str, checkpoints))} | MI best layer, step {last} | entropy, {last} "
+        f"| domain probe, {last} | accuracy, {last} | s/run |",
         "|---|---|---|---|---|---|---|",
     ]
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if arguments.only in v.name]:
         started = time.perf_counter()
-        results = [run(variant, seed) for seed in arguments.seeds]
+        results = [run(variant, seed, checkpoints) for seed in arguments.seeds]
         seconds = (time.perf_counter() - started) / len(arguments.seeds)
-        progress = " · ".join(cell(results, step, "mi_mean") for step in CHECKPOINTS)
+        progress = " · ".join(cell(results, step, "mi_mean") for step in checkpoints)
         lines.append(
-            f"| {variant.name} | {progress} | {cell(results, 600, 'mi_best')} | {cell(results, 600, 'entropy')} "
-            f"| {cell(results, 600, 'probe')} | {cell(results, 600, 'accuracy')} | {seconds:.0f} |"
+            f"| {variant.name} | {progress} | {cell(results, last, 'mi_best')} | {cell(results, last, 'entropy')} "
+            f"| {cell(results, last, 'probe')} | {cell(results, last, 'accuracy')} | {seconds:.0f} |"
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
-    header = f"Seeds {arguments.seeds} (values per seed, separated by /). Command: `python scripts/router_specialisation.py`\n\n"
+    command = " ".join(["python", *sys.argv])
+    header = f"Seeds {arguments.seeds} (values per seed, separated by /). Command: `{command}`\n\n"
     if arguments.output:
         arguments.output.write_text(header + table + "\n")
     print(table)
