@@ -144,11 +144,12 @@ class VisualInstructionTask(AdapterModule):
             if domain not in self.answer_metrics:
                 self.answer_metrics[domain] = NormalizedMatch()
 
-    def token_modalities(self, input_ids: Tensor) -> TokenModalities:
-        """Each token's modality (see `modality_scope`) for the routers that restrict by it."""
+    def token_modalities(self, input_ids: Tensor, scope: str | None = None) -> TokenModalities:
+        """Each token's modality under `scope` (default: `modality_scope`) for the routers that
+        restrict by it."""
         text, image = MODALITIES.index("text"), MODALITIES.index("image")
         slots = input_ids == self.model.image_token_id
-        if self.modality_scope == "sample":
+        if (scope or self.modality_scope) == "sample":
             per_sample = torch.where(slots.any(dim=1), image, text)
             return TokenModalities(per_sample[:, None].expand_as(input_ids), per_sample)
         generated = torch.full((len(input_ids),), text, device=input_ids.device)
@@ -216,9 +217,8 @@ class VisualInstructionTask(AdapterModule):
         domains = sorted(set(batch["domain"]))
         per_sample = torch.tensor([domains.index(d) for d in batch["domain"]])
         self.domain_routing.update(records, mask, per_sample[:, None].expand_as(mask), domains)
-        image_slots = batch["input_ids"] == self.model.image_token_id
-        modality = torch.where(image_slots, MODALITIES.index("image"), MODALITIES.index("text"))
-        self.modality_routing.update(records, mask, modality, list(MODALITIES))
+        by_token = self.token_modalities(batch["input_ids"], "token").tokens  # image slots vs text
+        self.modality_routing.update(records, mask, by_token, list(MODALITIES))
 
     def on_validation_epoch_end(self) -> None:
         self.domain_routing.log(self, "val")
