@@ -100,9 +100,8 @@ def _parse_record(record, index: int, json_path: Path, image_folder: Path) -> Vi
 
 # --- generation -----------------------------------------------------------------------------------
 
-# The fixed splits of the sources without their own: MNIST-5k rows [0, 4000) train, [4000, 5000)
-# test; textile photos with index % 5 == 4 (in sorted order per class) are the test split.
-MNIST_TRAIN_ROWS = 4000
+# The fixed splits of the sources without their own: the MNIST-5k rows and textile photos with
+# index % 5 == 4 are the test split. Both files are sorted by class, so every class is in both.
 GRID_CELL = 28
 
 FASHION_QUESTIONS = [
@@ -132,6 +131,10 @@ class Example:
     answer: str
 
 
+def _held_out(index: int) -> bool:
+    return index % 5 == 4
+
+
 def _split_indices(count: int, split: str, is_test: Callable[[int], bool]) -> list[int]:
     return [i for i in range(count) if is_test(i) == (split == "test")]
 
@@ -152,7 +155,7 @@ def fashion_examples(split: str, count: int, rng: random.Random, root: str | Non
 
 
 def digit_examples(split: str, count: int, rng: random.Random, mnist: ImageSet) -> list[Example]:
-    rows = _sample(rng, _split_indices(len(mnist), split, lambda i: i >= MNIST_TRAIN_ROWS), count, "MNIST-5k")
+    rows = _sample(rng, _split_indices(len(mnist), split, _held_out), count, "MNIST-5k")
     examples = []
     for i in rows:
         digit = int(mnist.labels[i])
@@ -174,7 +177,7 @@ def digit_examples(split: str, count: int, rng: random.Random, mnist: ImageSet) 
 
 def textile_examples(split: str, count: int, rng: random.Random) -> list[Example]:
     textile = textile_images()
-    rows = _sample(rng, _split_indices(len(textile), split, lambda i: i % 5 == 4), count, "textile")
+    rows = _sample(rng, _split_indices(len(textile), split, _held_out), count, "textile")
     return [
         Example(
             textile.image(i),
@@ -187,7 +190,7 @@ def textile_examples(split: str, count: int, rng: random.Random) -> list[Example
 
 def grid_examples(split: str, count: int, rng: random.Random, mnist: ImageSet) -> list[Example]:
     """1–4 digits in the cells of a 2×2 grid: how many there are, or which digit sits in a corner."""
-    pool = _split_indices(len(mnist), split, lambda i: i >= MNIST_TRAIN_ROWS)
+    pool = _split_indices(len(mnist), split, _held_out)
     examples = []
     for _ in range(count):
         cells = sorted(rng.sample(range(4), rng.randint(1, 4)))

@@ -219,7 +219,8 @@ class VisualInstructionDataModule(L.LightningDataModule):
         json_file, folder = self.files[split]
         if json_file is None:
             cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
-            name = f"llava-{split}-{'-'.join(self.domains)}-{self.sizes[split]}-seed{self.seed}"
+            # v2: the digit domains split MNIST-5k by index % 5, not by row range (a cache of v1 is stale)
+            name = f"llava-v2-{split}-{'-'.join(self.domains)}-{self.sizes[split]}-seed{self.seed}"
             folder = cache / "datasets" / name
             if not folder.exists():
                 write_llava_dataset(

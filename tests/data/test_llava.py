@@ -121,3 +121,16 @@ def test_reader_accepts_text_only_records_and_refuses_non_lists(tmp_path):
     path.write_text(json.dumps({"records": []}))
     with pytest.raises(UserInputError, match="holds a JSON dict; expected a list of records"):
         read_llava(path, images)
+
+
+def test_digit_splits_hold_every_digit_and_share_no_image(tmp_path):
+    """MNIST-5k is sorted by class: a split by row range once left only 8s and 9s for testing."""
+    answers, images = {}, {}
+    for split in ("train", "test"):
+        folder = write_llava_dataset(tmp_path / split, split=split, per_domain=300, domains=("digits",))
+        records = read_llava(folder / "conversations.json", folder / "images")
+        plain = [r for r in records if r.turns[0][1].endswith(("written here?", "in the image?", "digit."))]
+        answers[split] = {r.turns[1][1] for r in plain}
+        images[split] = {np.asarray(Image.open(r.image)).tobytes() for r in records}
+    assert answers["train"] == answers["test"] == {str(d) for d in range(10)}
+    assert not images["train"] & images["test"]

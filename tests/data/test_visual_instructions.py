@@ -98,7 +98,7 @@ def test_generated_data_is_written_once_and_reused(tmp_path):
     dm.setup()
     assert [e.domain for e in dm.splits["train"]].count("grid") == 4 and len(dm.splits["test"]) == 4
     folders = sorted(p.name for p in (tmp_path / "datasets").iterdir())
-    assert folders == ["llava-test-digits-grid-2-seed0", "llava-train-digits-grid-4-seed0"]
+    assert folders == ["llava-v2-test-digits-grid-2-seed0", "llava-v2-train-digits-grid-4-seed0"]
     stamp = (tmp_path / "datasets" / folders[0] / "conversations.json").stat().st_mtime_ns
     again = VisualInstructionDataModule(
         tokenizer="bytes", image_token=IMAGE_SLOT, domains=["digits", "grid"], per_domain=4, test_per_domain=2,
