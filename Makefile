@@ -9,9 +9,17 @@ LOGDIR ?= runs
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
-.PHONY: install test test-cpus demo lint tb bench bench-rl bench-memory clean-venv
+.PHONY: install espeak test test-cpus demo lint tb bench bench-rl bench-memory clean-venv
 
-install: $(STAMP)
+install: $(STAMP) espeak
+
+# The spoken-digit audio domain synthesises speech with Debian's espeak-ng (not a Python package):
+# installed here when missing and this is root; otherwise the audio data says how to install it.
+espeak:
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q espeak-ng >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null; }; }; } || \
+		echo "note: espeak-ng is missing; the audio domain needs it: sudo apt-get install espeak-ng"
 
 $(STAMP): pyproject.toml requirements/lock.txt requirements/assets.txt requirements/no_deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -29,24 +29,28 @@ import numpy as np
 from PIL import Image
 
 from lightning_moe.data.image_sources import ImageSet, fashion_mnist, mnist_5k, textile_images
+from lightning_moe.data.spoken_digits import Utterance, draw_utterances, require_espeak, speak
 from lightning_moe.errors import UserInputError
 
 IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"
+PLACEHOLDERS = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN}
 ROLES = ("human", "gpt")
 
 
 @dataclass(frozen=True)
 class VisualConversation:
-    """One record: its image file (None for text-only records) and its (role, text) turns."""
+    """One record: its image and audio files (None where it has none) and its (role, text) turns."""
 
     id: str
     image: Path | None
     turns: list[tuple[str, str]]
     domain: str = ""
+    audio: Path | None = None
 
 
 def read_llava(json_path: str | Path, image_folder: str | Path) -> list[VisualConversation]:
-    """Read and check a LLaVA conversation file; image paths are relative to `image_folder`."""
+    """Read and check a LLaVA conversation file; image and audio paths are relative to `image_folder`."""
     json_path, image_folder = Path(json_path), Path(image_folder)
     if not json_path.is_file():
         raise UserInputError(f"LLaVA conversation file {json_path} does not exist")
@@ -80,22 +84,31 @@ def _parse_record(record, index: int, json_path: Path, image_folder: Path) -> Vi
         parsed.append((role, value))
     if parsed[-1][0] != "gpt":
         raise UserInputError(f"{where}: the last turn must be the answer ('gpt'), got a 'human' turn")
-    placeholders = sum(text.count(IMAGE_TOKEN) for role, text in parsed if role == "human")
-    if any(IMAGE_TOKEN in text for role, text in parsed if role == "gpt"):
-        raise UserInputError(f"{where}: an answer ('gpt' turn) contains the image placeholder {IMAGE_TOKEN}")
-    image = record.get("image")
-    if image is None:
-        if placeholders:
-            raise UserInputError(f"{where}: has the placeholder {IMAGE_TOKEN} but no 'image'")
-        return VisualConversation(str(record.get("id", index)), None, parsed, str(record.get("domain", "")))
-    path = image_folder / str(image)
+    media = {kind: _media_file(record, kind, parsed, where, image_folder) for kind in PLACEHOLDERS}
+    return VisualConversation(
+        str(record.get("id", index)), media["image"], parsed, str(record.get("domain", "")), media["audio"]
+    )
+
+
+def _media_file(record: dict, kind: str, turns, where: str, folder: Path) -> Path | None:
+    """The record's `kind` file ("image" or "audio"), checked against its placeholders."""
+    placeholder = PLACEHOLDERS[kind]
+    count = sum(text.count(placeholder) for role, text in turns if role == "human")
+    if any(placeholder in text for role, text in turns if role == "gpt"):
+        raise UserInputError(f"{where}: an answer ('gpt' turn) contains the {kind} placeholder {placeholder}")
+    name = record.get(kind)
+    if name is None:
+        if count:
+            raise UserInputError(f"{where}: has the placeholder {placeholder} but no {kind!r}")
+        return None
+    path = folder / str(name)
     if not path.is_file():
-        raise UserInputError(f"{where}: image {path} does not exist")
-    if placeholders != 1:
+        raise UserInputError(f"{where}: {kind} {path} does not exist")
+    if count != 1:
         raise UserInputError(
-            f"{where}: has an image, so its human turns need exactly one {IMAGE_TOKEN} placeholder; found {placeholders}"
+            f"{where}: has an {kind}, so its human turns need exactly one {placeholder} placeholder; found {count}"
         )
-    return VisualConversation(str(record.get("id", index)), path, parsed, str(record.get("domain", "")))
+    return path
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -109,7 +122,16 @@ FASHION_QUESTIONS = [
     "Name the fashion item in this picture.",
     "What kind of garment or accessory is this?",
 ]
-DIGIT_QUESTIONS = ["Which digit is written here?", "What number is shown in the image?", "Read the digit."]
+IMAGE_DIGIT = {
+    "value": ["Which digit is written here?", "What number is shown in the image?", "Read the digit."],
+    "plus": "What is the digit in the image plus {}?",
+    "times": "Multiply the digit shown by {}. What is the result?",
+}
+SPOKEN_DIGIT = {
+    "value": ["Which digit is spoken?", "What number do you hear?", "Say the digit you hear."],
+    "plus": "What is the spoken digit plus {}?",
+    "times": "Multiply the spoken digit by {}. What is the result?",
+}
 TEXTILE_QUESTIONS = [
     "Does this fabric have a defect? Answer no defect, local defect or global defect.",
     "Inspect the textile: no defect, a local defect or a global defect?",
@@ -126,9 +148,10 @@ CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 @dataclass
 class Example:
-    image: Image.Image | None  # None: a text-only question
+    image: Image.Image | None  # None: no image
     question: str
     answer: str
+    audio: Utterance | None = None  # synthesised when the dataset is written
 
 
 def _held_out(index: int) -> bool:
@@ -156,23 +179,28 @@ def fashion_examples(split: str, count: int, rng: random.Random, root: str | Non
 
 def digit_examples(split: str, count: int, rng: random.Random, mnist: ImageSet) -> list[Example]:
     rows = _sample(rng, _split_indices(len(mnist), split, _held_out), count, "MNIST-5k")
-    examples = []
-    for i in rows:
-        digit = int(mnist.labels[i])
-        kind = rng.randrange(3)
-        if kind == 0:
-            question, answer = rng.choice(DIGIT_QUESTIONS), str(digit)
-        elif kind == 1:
-            addend = rng.randint(1, 9)
-            question, answer = f"What is the digit in the image plus {addend}?", str(digit + addend)
-        else:
-            factor = rng.randint(2, 5)
-            question, answer = (
-                f"Multiply the digit shown by {factor}. What is the result?",
-                str(digit * factor),
-            )
-        examples.append(Example(mnist.image(i), question, answer))
-    return examples
+    return [Example(mnist.image(i), *_digit_question(rng, int(mnist.labels[i]), IMAGE_DIGIT)) for i in rows]
+
+
+def spoken_examples(split: str, count: int, rng: random.Random) -> list[Example]:
+    """The digits domain's questions about a spoken digit (espeak-ng; the test split's voices are
+    held out of training, see `spoken_digits`)."""
+    return [
+        Example(None, *_digit_question(rng, utterance.digit, SPOKEN_DIGIT), audio=utterance)
+        for utterance in draw_utterances(split, count, rng)
+    ]
+
+
+def _digit_question(rng: random.Random, digit: int, phrasing: dict) -> tuple[str, str]:
+    """One of three questions about a digit: its value, the value plus a number, or times one."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return rng.choice(phrasing["value"]), str(digit)
+    if kind == 1:
+        addend = rng.randint(1, 9)
+        return phrasing["plus"].format(addend), str(digit + addend)
+    factor = rng.randint(2, 5)
+    return phrasing["times"].format(factor), str(digit * factor)
 
 
 def textile_examples(split: str, count: int, rng: random.Random) -> list[Example]:
@@ -228,6 +256,8 @@ def arithmetic_examples(split: str, count: int, rng: random.Random) -> list[Exam
 
 DOMAINS = ("fashion", "digits", "textile", "grid")  # the image domains, the default mix
 TEXT_DOMAINS = ("arithmetic",)
+AUDIO_DOMAINS = ("spoken",)
+ALL_DOMAINS = DOMAINS + TEXT_DOMAINS + AUDIO_DOMAINS
 
 
 def write_llava_dataset(
@@ -244,9 +274,9 @@ def write_llava_dataset(
     touched. The same arguments always give the same dataset.
     """
     folder = Path(folder)
-    unknown = sorted(set(domains) - set(DOMAINS + TEXT_DOMAINS))
+    unknown = sorted(set(domains) - set(ALL_DOMAINS))
     if unknown:
-        raise UserInputError(f"unknown domain(s) {unknown}; choose from {list(DOMAINS + TEXT_DOMAINS)}")
+        raise UserInputError(f"unknown domain(s) {unknown}; choose from {list(ALL_DOMAINS)}")
     if split not in ("train", "test"):
         raise UserInputError(f"split must be 'train' or 'test', got {split!r}")
     if folder.exists():
@@ -259,7 +289,10 @@ def write_llava_dataset(
         "textile": lambda: textile_examples(split, per_domain, rng),
         "grid": lambda: grid_examples(split, per_domain, rng, mnist),
         "arithmetic": lambda: arithmetic_examples(split, per_domain, rng),
+        "spoken": lambda: spoken_examples(split, per_domain, rng),
     }
+    if "spoken" in domains:
+        require_espeak()  # before anything is written
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -273,6 +306,10 @@ def write_llava_dataset(
                     record["image"] = f"{domain}/{number:06d}.png"
                     example.image.save(staging / "images" / record["image"])
                     question = f"{IMAGE_TOKEN}\n{question}"
+                if example.audio is not None:
+                    record["audio"] = f"{domain}/{number:06d}.wav"
+                    speak(example.audio, staging / "images" / record["audio"])
+                    question = f"{AUDIO_TOKEN}\n{question}"
                 record["conversations"] = [
                     {"from": "human", "value": question},
                     {"from": "gpt", "value": example.answer},

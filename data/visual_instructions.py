@@ -1,5 +1,6 @@
 """Visual instruction tuning data: LLaVA conversations tokenised with the chat template, images
-as [0, 1] tensors, the `<image>` placeholder expanded to one image-token slot per visual token.
+as [0, 1] tensors, the `<image>` placeholder expanded to one image-token slot per visual token;
+likewise audio files as log-mel features and `<audio>` as one audio-token slot per audio token.
 
 Only the answers (the 'gpt' turns and their end-of-turn tokens) are in the loss; the user turns,
 the template and the image slots are masked. Evaluation batches also carry the prompt alone
@@ -8,6 +9,7 @@ the template and the image slots are masked. Evaluation batches also carry the p
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,9 +23,17 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.assets import default_cache_dir
 from lightning_moe.data.collate import IGNORE_INDEX, pad_rows
-from lightning_moe.data.llava import DOMAINS, IMAGE_TOKEN, VisualConversation, read_llava, write_llava_dataset
+from lightning_moe.data.llava import (
+    AUDIO_TOKEN,
+    DOMAINS,
+    IMAGE_TOKEN,
+    VisualConversation,
+    read_llava,
+    write_llava_dataset,
+)
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.data.splits import require_training_examples
+from lightning_moe.data.spoken_digits import wav_features
 from lightning_moe.errors import UserInputError
 from lightning_moe.tokenization import load_tokenizer
 
@@ -36,6 +46,7 @@ class VisualExample:
     labels: list[int]
     prompt_ids: list[int]  # up to the first answer, for generation
     image: Path | None
+    audio: Path | None
     reference: str
     domain: str
     question: str  # the first user turn, placeholder removed
@@ -51,13 +62,16 @@ def image_tensor(path: Path, size: int) -> torch.Tensor:
 
 
 def encode_conversation(
-    conversation: VisualConversation,
-    tokenizer: PreTrainedTokenizerBase,
-    image_token_id: int,
-    image_tokens: int,
+    conversation: VisualConversation, tokenizer: PreTrainedTokenizerBase, slots: dict[str, tuple[int, int]]
 ) -> VisualExample:
     """Tokenise turn by turn through the chat template: each piece of rendered text is tokenised
-    on its own, so the answer spans (labelled) and the rest (masked) never share a token."""
+    on its own, so the answer spans (labelled) and the rest (masked) never share a token.
+    `slots` maps each placeholder ("<image>", "<audio>") to (slot token id, slots per file)."""
+    if conversation.audio is not None and AUDIO_TOKEN not in slots:
+        raise UserInputError(
+            f"record {conversation.id!r} has audio, but the data module has no audio_token; set "
+            "audio_token (and audio_tokens) to give audio its slots"
+        )
     messages, rendered = [], ""
     input_ids: list[int] = []
     labels: list[int] = []
@@ -66,7 +80,7 @@ def encode_conversation(
         messages.append({"role": ROLE_NAMES[role], "content": text})
         if role == "human":
             full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            piece_ids = _ids_with_image_slots(full[len(rendered) :], tokenizer, image_token_id, image_tokens)
+            piece_ids = _ids_with_slots(full[len(rendered) :], tokenizer, slots)
             labelled = False
         else:
             full = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -81,40 +95,56 @@ def encode_conversation(
             prompt_ids = list(input_ids)
         input_ids += piece_ids
         labels += piece_ids if labelled else [IGNORE_INDEX] * len(piece_ids)
-    expected_slots = image_tokens if conversation.image is not None else 0
-    if input_ids.count(image_token_id) != expected_slots:
-        raise UserInputError(
-            f"record {conversation.id!r}: its text contains the image token id {image_token_id} itself; "
-            "choose an image_token that never occurs in the data"
-        )
+    media_of = {IMAGE_TOKEN: conversation.image, AUDIO_TOKEN: conversation.audio}
+    for placeholder, (token_id, count) in slots.items():
+        media = media_of[placeholder]
+        if input_ids.count(token_id) != (count if media is not None else 0):
+            raise UserInputError(
+                f"record {conversation.id!r}: its text contains the slot token id {token_id} of "
+                f"{placeholder} itself; choose a slot token that never occurs in the data"
+            )
     answer = next(text for role, text in conversation.turns if role == "gpt")
-    question = conversation.turns[0][1].replace(IMAGE_TOKEN, "").strip()
+    question = conversation.turns[0][1].replace(IMAGE_TOKEN, "").replace(AUDIO_TOKEN, "").strip()
     return VisualExample(
-        input_ids, labels, prompt_ids, conversation.image, answer.strip(), conversation.domain, question
+        input_ids,
+        labels,
+        prompt_ids,
+        conversation.image,
+        conversation.audio,
+        answer.strip(),
+        conversation.domain,
+        question,
     )
 
 
-def _ids_with_image_slots(text: str, tokenizer, image_token_id: int, image_tokens: int) -> list[int]:
-    parts = text.split(IMAGE_TOKEN)
-    ids = tokenizer(parts[0], add_special_tokens=False).input_ids
-    for part in parts[1:]:
-        ids += [image_token_id] * image_tokens + tokenizer(part, add_special_tokens=False).input_ids
+def _ids_with_slots(text: str, tokenizer, slots: dict[str, tuple[int, int]]) -> list[int]:
+    """Text -> ids, each placeholder of `slots` replaced by its run of slot ids."""
+    pattern = "(" + "|".join(re.escape(placeholder) for placeholder in slots) + ")"
+    ids: list[int] = []
+    for part in re.split(pattern, text):
+        if part in slots:
+            token_id, count = slots[part]
+            ids += [token_id] * count
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False).input_ids
     return ids
 
 
 def collate_visual(
     examples: list[VisualExample], pad_token_id: int, image_size: int, for_generation: bool
 ) -> dict:
-    """Right-padded ids/mask/labels and the images of the examples that have one, in order."""
+    """Right-padded ids/mask/labels, and the images and audio features of the examples that have
+    them, in order (None where no example has one)."""
     batch = {
         "input_ids": pad_rows([e.input_ids for e in examples], pad_token_id),
         "attention_mask": pad_rows([[1] * len(e.input_ids) for e in examples], 0),
         "labels": pad_rows([e.labels for e in examples], IGNORE_INDEX),
-        "pixel_values": torch.stack(
+        "pixel_values": _stacked(
             [image_tensor(e.image, image_size) for e in examples if e.image is not None]
-        )
-        if any(e.image is not None for e in examples)
-        else None,
+        ),
+        "audio_features": _stacked(
+            [torch.from_numpy(wav_features(e.audio)) for e in examples if e.audio is not None]
+        ),
         "domain": [e.domain for e in examples],
     }
     if for_generation:
@@ -125,13 +155,17 @@ def collate_visual(
     return batch
 
 
-def image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str) -> int:
-    """The id of the token that marks image slots: one of the vocabulary, not pad/bos/eos."""
-    token_id = tokenizer.get_vocab().get(image_token)
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(tensors) if tensors else None
+
+
+def slot_token_id(tokenizer: PreTrainedTokenizerBase, token: str, what: str = "image_token") -> int:
+    """The id of the token that marks image (or audio) slots: one of the vocabulary, not pad/bos/eos."""
+    token_id = tokenizer.get_vocab().get(token)
     reserved = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
     if token_id is None or token_id in reserved:
         raise UserInputError(
-            f"image_token {image_token!r} must be a token of the tokenizer's vocabulary other than "
+            f"{what} {token!r} must be a token of the tokenizer's vocabulary other than "
             f"pad/bos/eos (got id {token_id})"
         )
     return token_id
@@ -150,6 +184,10 @@ class VisualInstructionDataModule(L.LightningDataModule):
         image_tokens: Slots per image: the encoder's feature-map cells at `image_size`
             (EfficientNet-Lite0 at 128 px: 4 × 4 = 16).
         image_size: Images are resized to image_size × image_size.
+        audio_token: A token of the vocabulary (never produced by the text) that marks audio
+            slots (None: the data has no audio; SmolLM2's "<empty_output>" serves).
+        audio_tokens: Slots per audio file: the audio encoder's tokens (8 for
+            configs/multimodal/audio_encoder.yaml).
         train_json: LLaVA conversation file for training (with `train_images`).
         train_images: Image folder the training records' paths are relative to.
         test_json: LLaVA conversation file for validation, test and predict (with `test_images`).
@@ -174,6 +212,8 @@ class VisualInstructionDataModule(L.LightningDataModule):
         image_token: str = "<|endoftext|>",
         image_tokens: int = 16,
         image_size: int = 128,
+        audio_token: str | None = None,
+        audio_tokens: int = 8,
         train_json: str | None = None,
         train_images: str | None = None,
         test_json: str | None = None,
@@ -199,6 +239,8 @@ class VisualInstructionDataModule(L.LightningDataModule):
         self.image_token = image_token
         self.image_tokens = image_tokens
         self.image_size = image_size
+        self.audio_token = audio_token
+        self.audio_tokens = audio_tokens
         self.files = {"train": (train_json, train_images), "test": (test_json, test_images)}
         self.sizes = {"train": per_domain, "test": test_per_domain}
         self.domains = tuple(domains or DOMAINS)
@@ -212,7 +254,7 @@ class VisualInstructionDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.cache_dir = cache_dir
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.image_token_id: int | None = None
+        self.slots: dict[str, tuple[int, int]] = {}
         self.splits: dict[str, list[VisualExample]] = {}
 
     def conversations(self, split: str) -> list[VisualConversation]:
@@ -233,12 +275,16 @@ class VisualInstructionDataModule(L.LightningDataModule):
         if self.splits:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, self.cache_dir)
-        self.image_token_id = image_token_id(self.tokenizer, self.image_token)
+        self.slots = {IMAGE_TOKEN: (slot_token_id(self.tokenizer, self.image_token), self.image_tokens)}
+        if self.audio_token is not None:
+            if self.audio_token == self.image_token:
+                raise UserInputError(
+                    f"image_token and audio_token are both {self.image_token!r}; give two tokens"
+                )
+            audio_id = slot_token_id(self.tokenizer, self.audio_token, "audio_token")
+            self.slots[AUDIO_TOKEN] = (audio_id, self.audio_tokens)
         self.splits = {
-            split: [
-                encode_conversation(c, self.tokenizer, self.image_token_id, self.image_tokens)
-                for c in self.conversations(split)
-            ]
+            split: [encode_conversation(c, self.tokenizer, self.slots) for c in self.conversations(split)]
             for split in ("train", "test")
         }
         if stage in ("fit", None):
@@ -278,4 +324,4 @@ class VisualInstructionDataModule(L.LightningDataModule):
             Path(self.predict_image),
             [("human", f"{IMAGE_TOKEN}\n{self.predict_question}"), ("gpt", "")],
         )
-        return [encode_conversation(question, self.tokenizer, self.image_token_id, self.image_tokens)]
+        return [encode_conversation(question, self.tokenizer, self.slots)]

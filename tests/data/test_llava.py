@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_moe.data.llava import IMAGE_TOKEN, read_llava, write_llava_dataset
+from lightning_moe.data.llava import AUDIO_TOKEN, IMAGE_TOKEN, read_llava, write_llava_dataset
 from lightning_moe.errors import UserInputError
 
 from .test_image_sources import write_idx
@@ -93,6 +93,21 @@ GOOD = {"id": "ok", "image": "a.png", "conversations": [
             r"record 1 .*an answer \('gpt' turn\) contains the image placeholder",
         ),
         ("text", r"record 1: expected an object, got str"),
+        (GOOD | {"audio": "missing.wav"}, r"record 1 \(id 'ok'\): audio .*missing.wav does not exist"),
+        (
+            GOOD | {"audio": "a.png"},
+            r"record 1 .*has an audio, so its human turns need exactly one <audio> placeholder; found 0",
+        ),
+        (
+            GOOD
+            | {
+                "conversations": [
+                    {"from": "human", "value": f"{AUDIO_TOKEN}{IMAGE_TOKEN}"},
+                    {"from": "gpt", "value": "x"},
+                ]
+            },
+            r"record 1 .*has the placeholder <audio> but no 'audio'",
+        ),
     ],
     ids=[
         "missing_image",
@@ -102,6 +117,9 @@ GOOD = {"id": "ok", "image": "a.png", "conversations": [
         "no_answer",
         "answer_placeholder",
         "not_object",
+        "missing_audio",
+        "audio_without_placeholder",
+        "audio_placeholder_without_audio",
     ],
 )
 def test_reader_names_the_bad_record(tmp_path, bad, message):

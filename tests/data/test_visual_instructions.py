@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from lightning_moe.data.collate import IGNORE_INDEX
-from lightning_moe.data.llava import IMAGE_TOKEN
+from lightning_moe.data.llava import AUDIO_TOKEN, IMAGE_TOKEN, write_llava_dataset
+from lightning_moe.data.spoken_digits import FRAMES, MELS
 from lightning_moe.data.visual_instructions import VisualInstructionDataModule
 from lightning_moe.errors import UserInputError
 
@@ -49,7 +50,7 @@ def test_placeholder_becomes_slots_and_only_answers_are_labelled(tmp_path):
     dm = module(tmp_path)
     tokenizer = dm.tokenizer
     for example, record in zip(dm.splits["train"], RECORDS, strict=True):
-        assert example.input_ids.count(dm.image_token_id) == 3
+        assert example.input_ids.count(dm.slots[IMAGE_TOKEN][0]) == 3
         labelled = tokenizer.decode(
             [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
         )
@@ -80,7 +81,9 @@ def test_image_token_must_be_a_single_unused_token(tmp_path):
     with pytest.raises(UserInputError, match=r"image_token '<pad>' .* other than pad/bos/eos \(got id 256\)"):
         module(tmp_path / "z", image_token="<pad>")
     clash = [RECORDS[0] | {"conversations": [turn("human", f"{IMAGE_TOKEN}\n\x00?"), turn("gpt", "x")]}]
-    with pytest.raises(UserInputError, match="record 'one': its text contains the image token id"):
+    with pytest.raises(
+        UserInputError, match="record 'one': its text contains the slot token id .* of <image> itself"
+    ):
         module(tmp_path / "y", records=clash)
 
 
@@ -108,3 +111,35 @@ def test_generated_data_is_written_once_and_reused(tmp_path):
     assert (tmp_path / "datasets" / folders[0] / "conversations.json").stat().st_mtime_ns == stamp
     assert [e.input_ids for e in again.splits["train"]] == [e.input_ids for e in dm.splits["train"]]
     assert torch.is_tensor(next(iter(again.train_dataloader()))["pixel_values"])
+
+
+AUDIO_SLOT = "ā"  # the byte tokenizer's symbol for byte 1
+
+
+def test_audio_placeholder_becomes_audio_slots_and_batches_carry_features(tmp_path):
+    records = write_llava_dataset(tmp_path / "gen", split="test", domains=("spoken", "digits"), per_domain=2)
+    settings = dict(
+        tokenizer="bytes", image_token=IMAGE_SLOT, image_tokens=3, image_size=8, audio_token=AUDIO_SLOT,
+        audio_tokens=2, train_json=str(records / "conversations.json"), train_images=str(records / "images"),
+        test_json=str(records / "conversations.json"), test_images=str(records / "images"), eval_batch_size=4,
+    )  # fmt: skip
+    dm = VisualInstructionDataModule(**settings)
+    dm.setup()
+    audio_id, image_id = dm.slots[AUDIO_TOKEN][0], dm.slots[IMAGE_TOKEN][0]
+    for example in dm.splits["train"]:
+        spoken = example.domain == "spoken"
+        assert example.input_ids.count(audio_id) == (2 if spoken else 0)
+        assert example.input_ids.count(image_id) == (0 if spoken else 3)
+        assert AUDIO_TOKEN not in example.question
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["domain"] == ["spoken", "spoken", "digits", "digits"]
+    assert batch["audio_features"].shape == (2, MELS, FRAMES) and batch["pixel_values"].shape[0] == 2
+
+    without = VisualInstructionDataModule(**(settings | {"audio_token": None}))
+    with pytest.raises(
+        UserInputError, match="record 'spoken-test-000000' has audio, but the data module has no audio_token"
+    ):
+        without.setup()
+    same = VisualInstructionDataModule(**(settings | {"audio_token": IMAGE_SLOT}))
+    with pytest.raises(UserInputError, match="image_token and audio_token are both"):
+        same.setup()
