@@ -46,7 +46,7 @@ SUBCOMMANDS = {
     "test": "score a task on its test data",
     "predict": "write a task's predictions (e.g. generations with their scores) for its predict data",
 }
-DATA_LINKS = ("tokenizer", "image_token", "image_size", "domains", "sources", "styles")
+DATA_LINKS = ("tokenizer", "image_token", "audio_token", "image_size", "domains", "sources", "styles")
 USAGE_ERROR = 2  # a config or argument that does not parse; every other error exits with 1
 
 

@@ -238,6 +238,16 @@ def write_tiny_experts(folders, seed: int = 0, language_model: bool = False) -> 
         save_adapter(model, rules, folder, base_model="tiny")
 
 
+TINY_AUDIO_TOKENS = 2  # tests/configs/multimodal_audio.yaml's audio_tokens
+
+
+def write_tiny_audio_encoder(folder: str | Path) -> None:
+    """A random 16-wide audio encoder of TINY_AUDIO_TOKENS tokens, saved as a stage-0 run exports it."""
+    from lightning_moe.tasks.multimodal.audio_encoder import AudioEncoder, save_audio_encoder
+
+    save_audio_encoder(AudioEncoder(width=16, tokens=TINY_AUDIO_TOKENS), folder)
+
+
 def _tiny_text_to_image_model() -> nn.Module:
     """The diffusion task's model at test size (its layers are named "unet.…" as in the task)."""
     from lightning_moe.tasks.diffusion.models import TextToImageModel, build_text_encoder, build_unet
@@ -298,6 +308,9 @@ def write_files_configs_read(configs: list[Path]) -> None:
     write_tiny_experts(
         [folder for folder in sorted(upcycled) if not Path(folder).exists()], language_model=True
     )
+    for folder in {folder for tree in trees for folder in _values(tree, "audio_encoder") if folder}:
+        if not Path(folder).exists():
+            write_tiny_audio_encoder(folder)
     if any(folder.startswith("runs/diffusion") for folder in experts) or judges:
         write_tiny_diffusion_files(experts, gates[-1] if gates else None, judges[-1] if judges else None)
     elif experts:
@@ -315,6 +328,8 @@ TINY_OVERLAYS = [
     ("memory/nf4_embeddings.yaml", ["reasoning", "memory_embeddings"]),
     ("memory/*", ["reasoning"]),
     ("rl/*", ["reasoning", "rl"]),
+    ("multimodal/audio_encoder.yaml", ["audio_encoder"]),
+    ("multimodal/*audio*", ["multimodal", "multimodal_audio"]),
     ("multimodal/*", ["multimodal"]),
     ("judges/*", ["judges"]),
     ("diffusion/gate_concepts.yaml", ["diffusion", "diffusion_mix"]),

@@ -2,7 +2,8 @@
 
 vision encoder (frozen; a timm model's last feature map, or a transformers / open_clip
 vision transformer's tokens) -> projector (two linears with GELU)
--> causal LM. The prompt holds one image-token id per visual token (the data side expands the
+-> causal LM; optionally an audio encoder (frozen, `audio_encoder`) -> its own projector, the
+same way. The prompt holds one image-token id per visual token (the data side expands the
 `<image>` placeholder); their input embeddings are replaced by the projected image features,
 which therefore enter as prefix embeddings inside the chat template. Nothing in the LM is
 forked: it receives `inputs_embeds`.
@@ -111,24 +112,37 @@ def build_vision_encoder(name: str, pretrained: bool = True, cache_dir: str | No
     return tokens.requires_grad_(False).eval()
 
 
-class ImageProjector(nn.Sequential):
-    """Visual features [.., C] to LM embeddings [.., d]: Linear, GELU, Linear (LLaVA-1.5's mlp2x_gelu)."""
+class Connector(nn.Sequential):
+    """Encoder features [.., C] to LM embeddings [.., d]: Linear, GELU, Linear (LLaVA-1.5's
+    mlp2x_gelu); the image projector, and the audio one."""
 
-    def __init__(self, vision_features: int, lm_width: int) -> None:
-        super().__init__(nn.Linear(vision_features, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+    def __init__(self, features: int, lm_width: int) -> None:
+        super().__init__(nn.Linear(features, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
 
 
 class VisionLanguageModel(nn.Module):
-    """Encoder + projector + causal LM; `image_token_id` marks the visual-token slots of a prompt."""
+    """Encoders + connectors + causal LM. `image_token_id` marks the visual-token slots of a
+    prompt; with an audio encoder, `audio_token_id` marks its audio-token slots."""
 
-    def __init__(self, vision: nn.Module, language_model: nn.Module, image_token_id: int) -> None:
+    def __init__(
+        self,
+        vision: nn.Module,
+        language_model: nn.Module,
+        image_token_id: int,
+        audio: nn.Module | None = None,
+        audio_token_id: int | None = None,
+    ) -> None:
         super().__init__()
+        width = language_model.get_input_embeddings().embedding_dim
         self.vision = vision
         self.language_model = language_model
-        self.projector = ImageProjector(
-            vision.num_features, language_model.get_input_embeddings().embedding_dim
-        )
+        self.projector = Connector(vision.num_features, width)
         self.image_token_id = image_token_id
+        if (audio is None) != (audio_token_id is None):
+            raise UserInputError("an audio encoder needs its audio_token, and an audio_token its encoder")
+        self.audio = audio
+        self.audio_projector = Connector(audio.num_features, width) if audio is not None else None
+        self.audio_token_id = audio_token_id
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, N, d]: one projected token per visual token."""
@@ -136,21 +150,30 @@ class VisionLanguageModel(nn.Module):
             tokens = self.vision.eval()(pixel_values)
         return self.projector(tokens)
 
-    def input_embeddings(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """Token embeddings with the image-token slots filled, in order, by the images' tokens."""
+    def audio_embeddings(self, audio_features: Tensor) -> Tensor:
+        """Log-mel features [B, mels, frames] -> [B, N, d]: one projected token per audio token."""
+        with torch.no_grad():  # the encoder is frozen
+            tokens = self.audio.eval()(audio_features)
+        return self.audio_projector(tokens)
+
+    def input_embeddings(
+        self, input_ids: Tensor, pixel_values: Tensor | None, audio_features: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings with the image-token (and audio-token) slots filled, in order, by the
+        images' (and audio files') tokens."""
         embeddings = self.language_model.get_input_embeddings()(input_ids)
-        slots = input_ids == self.image_token_id
-        if pixel_values is None or len(pixel_values) == 0:
-            if slots.any():
-                raise UserInputError("the prompt has image-token slots but the batch has no images")
+        embeddings = _fill_slots(
+            embeddings, input_ids == self.image_token_id, pixel_values, self.image_embeddings, "image"
+        )
+        if self.audio is None:
+            if audio_features is not None and len(audio_features):
+                raise UserInputError(
+                    "the batch has audio, but the model has no audio encoder; set audio_encoder"
+                )
             return embeddings
-        images = self.image_embeddings(pixel_values)
-        if int(slots.sum()) != images.shape[0] * images.shape[1]:
-            raise UserInputError(
-                f"the batch has {int(slots.sum())} image-token slots for {images.shape[0]} images of "
-                f"{images.shape[1]} tokens each; expand each <image> to {images.shape[1]} slots"
-            )
-        return embeddings.masked_scatter(slots[..., None], images.to(embeddings.dtype))
+        return _fill_slots(
+            embeddings, input_ids == self.audio_token_id, audio_features, self.audio_embeddings, "audio"
+        )
 
     def forward(
         self,
@@ -158,14 +181,35 @@ class VisionLanguageModel(nn.Module):
         attention_mask: Tensor | None = None,
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
+        audio_features: Tensor | None = None,
     ):
-        embeddings = self.input_embeddings(input_ids, pixel_values)
+        embeddings = self.input_embeddings(input_ids, pixel_values, audio_features)
         return self.language_model(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()
     def generate(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, **kwargs
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None,
+        audio_features: Tensor | None = None,
+        **kwargs,
     ) -> Tensor:
         """New tokens only (the LM generates from `inputs_embeds`, so it returns no prompt ids)."""
-        embeddings = self.input_embeddings(input_ids, pixel_values)
+        embeddings = self.input_embeddings(input_ids, pixel_values, audio_features)
         return self.language_model.generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+
+
+def _fill_slots(embeddings: Tensor, slots: Tensor, inputs: Tensor | None, embed, what: str) -> Tensor:
+    """`embeddings` with its `slots` replaced, in order, by the tokens `embed(inputs)` gives."""
+    if inputs is None or len(inputs) == 0:
+        if slots.any():
+            raise UserInputError(f"the prompt has {what}-token slots but the batch has no {what}s")
+        return embeddings
+    tokens = embed(inputs)
+    if int(slots.sum()) != tokens.shape[0] * tokens.shape[1]:
+        raise UserInputError(
+            f"the batch has {int(slots.sum())} {what}-token slots for {tokens.shape[0]} {what}s of "
+            f"{tokens.shape[1]} tokens each; expand each <{what}> to {tokens.shape[1]} slots"
+        )
+    return embeddings.masked_scatter(slots[..., None], tokens.to(embeddings.dtype))

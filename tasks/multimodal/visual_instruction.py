@@ -22,11 +22,12 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_moe.adapters.routing import MODALITIES, TokenModalities
 from lightning_moe.data.llava import DOMAINS
-from lightning_moe.data.visual_instructions import image_token_id
+from lightning_moe.data.visual_instructions import slot_token_id
 from lightning_moe.errors import UserInputError
 from lightning_moe.module import AdapterModule
 from lightning_moe.parallel import full_tensor
 from lightning_moe.routing_logging import GroupRouting
+from lightning_moe.tasks.multimodal.audio_encoder import load_audio_encoder
 from lightning_moe.tasks.multimodal.vision_language import VisionLanguageModel, build_vision_encoder
 from lightning_moe.tasks.reasoning.answer_match import NormalizedMatch, normalize_answer
 from lightning_moe.tasks.reasoning.causal_lm import build_causal_lm, greedy_generation
@@ -34,17 +35,19 @@ from lightning_moe.tensorboard_views import add_text, markdown_table
 from lightning_moe.tokenization import load_tokenizer
 
 PROJECTOR_FILE = "projector.safetensors"
+AUDIO_PROJECTOR_FILE = "audio_projector.safetensors"
 
 
 class VisualInstructionTask(AdapterModule):
     """A LLaVA-style model (vision encoder -> projector -> causal LM) tuned on visual instructions.
 
-    The CLI links `tokenizer`, `image_token` and `domains` from the data module (see
-    `VisualInstructionDataModule`), so model and data always agree on them.
+    The CLI links `tokenizer`, `image_token`, `audio_token` and `domains` from the data module
+    (see `VisualInstructionDataModule`), so model and data always agree on them.
 
     Args:
         tokenizer: The LM's tokenizer (asset name, folder, hub id or "bytes").
         image_token: The token that marks image slots in the prompt.
+        audio_token: The token that marks audio slots (with `audio_encoder`).
         domains: The domains scored separately.
         language_model: A packaged asset name, folder or hub id of a causal LM.
         language_model_config: Instead: a config dict (with `model_type`) for a random tiny LM.
@@ -52,14 +55,17 @@ class VisualInstructionTask(AdapterModule):
         pretrained_vision: Load the encoder's pretrained weights (False: random, for tests).
         projector_path: A trained projector (`projector.safetensors`, e.g. from the align stage) to
             start from. A `projector.safetensors` inside `adapter_path` takes precedence.
+        audio_encoder: The folder a stage-0 `SpokenDigitTask` run exported (None: no audio).
+        audio_projector_path: A trained audio projector (`audio_projector.safetensors`) to start
+            from; one inside `adapter_path` takes precedence.
         max_new_tokens: Generation budget per answer.
         samples_to_log: How many questions of each evaluation go to TensorBoard's text tab with
             their generations (0: none).
         model_seed: Seed of a `language_model_config` model and of the projector's initialisation.
         modality_scope: What MoE routers with `expert_modalities` see as a token's modality:
-            "token": image-slot tokens are image, every other token (and every generated one) is
-            text; "sample": every token of a sample with an image is image (Uni-MoE's modality
-            experts serve the whole sample).
+            "token": image-slot tokens are image, audio-slot tokens audio, every other token (and
+            every generated one) text; "sample": every token of a sample with an image is image,
+            of one with audio audio (Uni-MoE's modality experts serve the whole sample).
         cache_dir: Where converted packaged assets are cached.
         **kwargs: Adapter and optimisation settings of `AdapterModule`.
     """
@@ -68,12 +74,15 @@ class VisualInstructionTask(AdapterModule):
         self,
         tokenizer: str = "smollm2-135m-instruct",
         image_token: str = "<|endoftext|>",
+        audio_token: str | None = None,
         domains: list[str] | None = None,
         language_model: str | None = "smollm2-135m-instruct",
         language_model_config: dict[str, Any] | None = None,
         vision_encoder: str = "efficientnet-lite0",
         pretrained_vision: bool = True,
         projector_path: str | None = None,
+        audio_encoder: str | None = None,
+        audio_projector_path: str | None = None,
         max_new_tokens: int = 8,
         samples_to_log: int = 6,
         model_seed: int = 0,
@@ -93,6 +102,13 @@ class VisualInstructionTask(AdapterModule):
         self.vision_encoder_name = vision_encoder
         self.pretrained_vision = pretrained_vision
         self.projector_path = projector_path
+        if audio_encoder is not None and audio_token is None:
+            raise UserInputError(
+                f"audio_encoder {audio_encoder} needs the data module's audio_token (the token of the audio slots)"
+            )
+        self.audio_token = audio_token
+        self.audio_encoder = audio_encoder
+        self.audio_projector_path = audio_projector_path
         self.max_new_tokens = max_new_tokens
         self.model_seed = model_seed
         self.cache_dir = cache_dir
@@ -115,28 +131,46 @@ class VisualInstructionTask(AdapterModule):
             self.cache_dir,
         )
         vision = build_vision_encoder(self.vision_encoder_name, self.pretrained_vision, self.cache_dir)
+        audio = load_audio_encoder(self.audio_encoder) if self.audio_encoder else None
+        audio_id = slot_token_id(self.tokenizer, self.audio_token, "audio_token") if audio else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.model_seed)  # the same projector start in every run of a seed
             model = VisionLanguageModel(
-                vision, language_model, image_token_id(self.tokenizer, self.image_token)
+                vision, language_model, slot_token_id(self.tokenizer, self.image_token), audio, audio_id
             )
-        # a saved adapter folder carries the projector trained with it, which wins over the start point
-        source = self._projector_in_adapter_path() or self.projector_path
-        if source:
-            _load_projector(model.projector, source)
+        # a saved adapter folder carries the projectors trained with it, which win over the start points
+        for module, file, start in (
+            (model.projector, PROJECTOR_FILE, self.projector_path),
+            (model.audio_projector, AUDIO_PROJECTOR_FILE, self.audio_projector_path),
+        ):
+            source = self._in_adapter_path(file) or start
+            if module is not None and source:
+                _load_projector(module, source)
         return model
 
-    def _projector_in_adapter_path(self) -> str | None:
-        if self.adapter_path and (Path(self.adapter_path) / PROJECTOR_FILE).is_file():
-            return str(Path(self.adapter_path) / PROJECTOR_FILE)
+    def _in_adapter_path(self, file: str) -> str | None:
+        if self.adapter_path and (Path(self.adapter_path) / file).is_file():
+            return str(Path(self.adapter_path) / file)
         return None
 
+    def _connectors(self) -> dict[str, tuple[str, nn.Module]]:
+        """{checkpoint name: (export file, module)} of the projectors, which train whole."""
+        found = {"model.projector": (PROJECTOR_FILE, self.model.projector)}
+        if self.model.audio_projector is not None:
+            found["model.audio_projector"] = (AUDIO_PROJECTOR_FILE, self.model.audio_projector)
+        return found
+
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"model.projector": self.model.projector} if self.model is not None else {}
+        if self.model is None:
+            return {}
+        return {name: module for name, (_, module) in self._connectors().items()}
 
     def exported_modules(self) -> dict[str, dict[str, Tensor]]:
         # gathered on every process (a sharded projector), written with the adapters in one step
-        return {PROJECTOR_FILE: {k: full_tensor(v) for k, v in self.model.projector.state_dict().items()}}
+        return {
+            file: {k: full_tensor(v) for k, v in module.state_dict().items()}
+            for file, module in self._connectors().values()
+        }
 
     # --- steps ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -147,18 +181,23 @@ class VisualInstructionTask(AdapterModule):
     def token_modalities(self, input_ids: Tensor, scope: str | None = None) -> TokenModalities:
         """Each token's modality under `scope` (default: `modality_scope`) for the routers that
         restrict by it."""
-        text, image = MODALITIES.index("text"), MODALITIES.index("image")
-        slots = input_ids == self.model.image_token_id
+        kinds = torch.full_like(input_ids, MODALITIES.index("text"))
+        kinds[input_ids == self.model.image_token_id] = MODALITIES.index("image")
+        if self.model.audio_token_id is not None:
+            kinds[input_ids == self.model.audio_token_id] = MODALITIES.index("audio")
         if (scope or self.modality_scope) == "sample":
-            per_sample = torch.where(slots.any(dim=1), image, text)
+            per_sample = kinds.max(dim=1).values  # a sample's media (text < image < audio in MODALITIES)
             return TokenModalities(per_sample[:, None].expand_as(input_ids), per_sample)
-        generated = torch.full((len(input_ids),), text, device=input_ids.device)
-        return TokenModalities(torch.where(slots, image, text), generated)
+        return TokenModalities(kinds, torch.full_like(input_ids[:, 0], MODALITIES.index("text")))
 
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         with self.injection.collector.modalities(self.token_modalities(batch["input_ids"])):
             output = self.model(
-                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["pixel_values"],
+                batch["labels"],
+                batch.get("audio_features"),
             )
         return output.loss, batch["attention_mask"]
 
@@ -167,7 +206,11 @@ class VisualInstructionTask(AdapterModule):
         settings = greedy_generation(tokenizer, self.max_new_tokens)
         with self.injection.collector.modalities(self.token_modalities(batch["prompt_ids"])):
             tokens = self.model.generate(
-                batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], generation_config=settings
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                batch["pixel_values"],
+                batch.get("audio_features"),
+                generation_config=settings,
             )
         return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 

@@ -146,3 +146,89 @@ def test_token_scope_sends_image_slots_and_text_tokens_to_their_own_experts(run)
         unified.model.generate(batch)
     assert records and all(r.indices.shape[1] == 1 for r in records.values())
     assert all(0 not in r.indices.flatten().tolist() for r in records.values())
+
+
+AUDIO_ENCODER = "runs/multimodal/audio_encoder"
+AUDIO_STAGE = "runs/multimodal/unimoe_audio_experts/fit/adapter"
+
+
+def test_the_audio_chain_runs_and_spoken_samples_use_the_audio_expert(run, tmp_path):
+    """Stage 0 (the audio encoder), the audio connector and the audio LoRA, then unified tuning
+    with image, text and audio experts (experts 0, 1, 2; 3 and 4 shared), all through the CLI."""
+    encoder = run("audio_encoder.yaml", "fit", "--trainer.max_epochs=1")
+    assert "val/accuracy" in encoder.trainer.callback_metrics
+    assert (tmp_path / AUDIO_ENCODER / "audio_encoder.safetensors").is_file()
+    run("align_smollm2.yaml", "fit", "--trainer.max_steps=2")
+    aligned = run(
+        "unimoe_audio_align.yaml",
+        "fit",
+        "--trainer.max_steps=2",
+        f"--model.init_args.projector_path={ALIGNED}",
+        "--data.init_args.domains=[spoken]",
+    )
+    assert all(e.audio is not None and e.image is None for e in aligned.datamodule.splits["train"])
+    # only the audio projector had data to learn from
+    before = load_file(ALIGNED)
+    after = load_file(tmp_path / "runs/multimodal/unimoe_audio_align/fit/adapter/projector.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    audio_align = "runs/multimodal/unimoe_audio_align/fit/adapter"
+    run(
+        "unimoe_audio_experts.yaml",
+        "fit",
+        "--trainer.max_steps=2",
+        f"--model.init_args.projector_path={audio_align}/projector.safetensors",
+        f"--model.init_args.audio_projector_path={audio_align}/audio_projector.safetensors",
+        "--data.init_args.domains=[spoken]",
+    )
+    run(
+        "unimoe_image_experts.yaml",
+        "fit",
+        "--trainer.max_steps=1",
+        f"--model.init_args.projector_path={ALIGNED}",
+    )
+    run("unimoe_text_experts.yaml", "fit", "--trainer.max_steps=1", "--data.init_args.domains=[arithmetic]")
+
+    unified = run(
+        "unimoe_audio_smollm2.yaml",
+        "fit",
+        "--trainer.max_steps=1",
+        "--data.init_args.domains=[digits, arithmetic, spoken]",
+        f"--model.init_args.audio_projector_path={AUDIO_STAGE}/audio_projector.safetensors",
+        "--model.init_args.optimizer.init_args.lr=0.0",
+        "--model.init_args.router_lr=0.0",
+        "--model.init_args.extra_lr=0.0",
+    )
+    name = "language_model.model.layers.0.mlp.gate_proj"
+    experts = dict(adapted_layers(unified.model.model))[name].adapter.experts
+    a, _ = lora_factors(AUDIO_STAGE, name)
+    torch.testing.assert_close(experts.lora_A[2, : a.shape[0]], a)
+    for key, value in load_file(f"{AUDIO_STAGE}/audio_projector.safetensors").items():
+        torch.testing.assert_close(unified.model.model.audio_projector.state_dict()[key], value)
+
+    unified.model.eval()
+    allowed = {"digits": {0, 3, 4}, "arithmetic": {1, 3, 4}, "spoken": {2, 3, 4}}
+    seen = set()
+    for batch in unified.datamodule.test_dataloader():
+        with unified.model.injection.collector.capture() as records, torch.no_grad():
+            unified.model.task_loss(batch)
+        chosen, real = records[name].indices, batch["attention_mask"].bool()
+        for row, domain in enumerate(batch["domain"]):
+            used = set(chosen[row][real[row]].flatten().tolist())
+            assert used <= allowed[domain], (domain, used)
+            seen.add(domain)
+        if "spoken" in batch["domain"]:
+            assert batch["audio_features"].shape[0] == batch["domain"].count("spoken")
+    assert seen == set(allowed)
+
+    tested = run(
+        "unimoe_audio_smollm2.yaml",
+        "test",
+        "--data.init_args.domains=[digits, arithmetic, spoken]",
+        f"--model.init_args.adapter_path={next(tmp_path.rglob('unimoe_audio_smollm2/version_0/adapter'))}",
+    )
+    metrics = tested.trainer.callback_metrics
+    assert "test/accuracy/spoken" in metrics
+    shares = [float(metrics[f"test/modality_expert_share/audio/{e}"]) for e in range(5)]
+    assert (
+        sum(shares) == pytest.approx(1.0) and shares[0] == shares[1] == 0.0
+    )  # audio slots: expert 2 or shared
