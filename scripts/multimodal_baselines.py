@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
+from lightning_moe.data.llava import PLACEHOLDERS
 from lightning_moe.data.visual_instructions import VisualInstructionDataModule
 from lightning_moe.tasks.reasoning.answer_match import normalize_answer
 
 
 def question_and_answer(conversation) -> tuple[str, str]:
     question = next(text for role, text in conversation.turns if role == "human")
-    return question.replace("<image>", "").strip(), normalize_answer(conversation.turns[-1][1])
+    for placeholder in PLACEHOLDERS.values():
+        question = question.replace(placeholder, "")
+    return question.strip(), normalize_answer(conversation.turns[-1][1])
 
 
 def main() -> None:
