@@ -9,6 +9,7 @@ starts and one when it ends, with the time taken.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -107,9 +108,7 @@ class ProgressLines(ProgressBar):
         _say(line)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        bounded_by_steps = trainer.max_epochs in (None, -1) and trainer.max_steps > 0
-        total = trainer.max_steps if bounded_by_steps else _finite(self.total_train_batches)
-        self._training = self._begin(trainer, "training", total)
+        self._training = self._begin(trainer, "training", _training_steps(trainer, self.total_train_batches))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._advance(trainer, self._training, done=trainer.global_step)
@@ -146,6 +145,16 @@ class ProgressLines(ProgressBar):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._advance(trainer, self._evaluating, done=self._evaluating.done, final=True)
+
+
+def _training_steps(trainer: L.Trainer, batches_per_epoch: float | int) -> int:
+    """The optimizer steps the run will take (progress counts `global_step`): the fewer of
+    max_steps and max_epochs' worth; 0 when neither bounds it."""
+    per_epoch = math.ceil(_finite(batches_per_epoch) / trainer.accumulate_grad_batches)
+    limits = [trainer.max_steps] if trainer.max_steps > 0 else []
+    if trainer.max_epochs not in (None, -1) and per_epoch:
+        limits.append(per_epoch * trainer.max_epochs)
+    return min(limits, default=0)
 
 
 def _total(batches_per_loader: list[float | int]) -> int:

@@ -127,3 +127,16 @@ def test_data_driven_init_errors_are_one_line_before_training(
     exit_code, line = smoke_fit_error(adapters, capsys)
     assert exit_code == code and line.startswith(message)
     assert not Path("runs").exists() or not any(Path("runs").rglob("*.ckpt"))  # nothing trained
+
+
+def test_progress_lines_count_every_epoch_of_an_epoch_bounded_run():
+    from lightning_moe.progress import _training_steps
+
+    trainer = SimpleNamespace(max_epochs=6, max_steps=-1, accumulate_grad_batches=1)
+    assert _training_steps(trainer, 63) == 378
+    trainer = SimpleNamespace(max_epochs=6, max_steps=100, accumulate_grad_batches=2)
+    assert _training_steps(trainer, 63) == 100  # 6 x 32 steps, but max_steps comes first
+    trainer = SimpleNamespace(max_epochs=-1, max_steps=40, accumulate_grad_batches=1)
+    assert _training_steps(trainer, float("inf")) == 40
+    trainer = SimpleNamespace(max_epochs=-1, max_steps=-1, accumulate_grad_batches=1)
+    assert _training_steps(trainer, float("inf")) == 0
