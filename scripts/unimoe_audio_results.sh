@@ -5,7 +5,8 @@
 # image, text and audio experts, upcycled from that seed's stage-2 LoRAs; plain LoRA on the same
 # mix as the baseline. Every model is scored per domain on the test split.
 # Run scripts/unimoe_results.sh first: its image and text stages (in STAGES) seed the experts.
-# Usage: SEEDS="0" STEPS=160 bash scripts/unimoe_audio_results.sh   (rerunning skips finished steps)
+# Usage: SEEDS="0" STEPS=160 bash scripts/unimoe_audio_results.sh   (rerunning skips finished steps;
+# BASELINE=0 leaves out the LoRA baseline)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=runs/multimodal  # where the configs look for the audio encoder and the image connector
@@ -13,6 +14,7 @@ STAGES=${STAGES:-$OUT}
 SHOW="test/accuracy|predictions written"
 STEPS=${STEPS:-160}
 SEEDS=${SEEDS:-0}
+BASELINE=${BASELINE:-1}
 SIX="--data.init_args.domains=[fashion, digits, textile, grid, arithmetic, spoken]"
 AUDIO_DATA=(--data.init_args.audio_token="<empty_output>" --data.init_args.audio_tokens=8)
 source "$(dirname "$0")/timed.sh"
@@ -43,9 +45,11 @@ for seed in $SEEDS; do
     -e "s#runs/multimodal/unimoe_audio_experts/fit/adapter#$OUT/unimoe-audio/seed$seed/adapter#g" \
     configs/multimodal/unimoe_audio_smollm2.yaml >"$staged"
   run unimoe-av "$seed" "$staged" --trainer.max_steps="$STEPS"
-  run six-lora "$seed" configs/multimodal/lora_smollm2.yaml "$SIX" --trainer.max_steps="$STEPS" "${AUDIO_DATA[@]}" \
-    --model.init_args.audio_encoder=$OUT/audio_encoder \
-    --model.init_args.audio_projector_path="$aligned/audio_projector.safetensors"
+  if [ "$BASELINE" = 1 ]; then
+    run six-lora "$seed" configs/multimodal/lora_smollm2.yaml "$SIX" --trainer.max_steps="$STEPS" "${AUDIO_DATA[@]}" \
+      --model.init_args.audio_encoder=$OUT/audio_encoder \
+      --model.init_args.audio_projector_path="$aligned/audio_projector.safetensors"
+  fi
 done
 
 tests() { local dirs=(); for seed in $SEEDS; do dirs+=("$OUT/$1/seed$seed-test"); done; (IFS=,; echo "${dirs[*]}"); }
@@ -53,7 +57,9 @@ echo "== the audio encoder on held-out voices (stage 0, last validation)"
 $PY scripts/test_metrics_table.py --prefix val/ --no-mean "audio-encoder=$OUT/audio_encoder_training/fit"
 echo "== per-domain accuracy (%), mean over seeds (each seed)"
 $PY scripts/test_metrics_table.py "audio-lora=$(tests unimoe-audio)"
-$PY scripts/test_metrics_table.py "lora=$(tests six-lora)" "unimoe-av=$(tests unimoe-av)"
+rows=("unimoe-av=$(tests unimoe-av)")
+if [ "$BASELINE" = 1 ]; then rows=("lora=$(tests six-lora)" "${rows[@]}"); fi
+$PY scripts/test_metrics_table.py "${rows[@]}"
 echo "== share of each domain's and each modality's routed tokens per expert (%), first seed"
 first=${SEEDS%% *}
 $PY scripts/test_metrics_table.py --prefix test/expert_share/ "unimoe-av=$OUT/unimoe-av/seed$first-test"
