@@ -6,12 +6,15 @@ A dataset is a JSON list of records plus an image folder:
      "conversations": [{"from": "human", "value": "<image>\\nWhich digit is written here?"},
                        {"from": "gpt", "value": "7"}]}
 
+A record may instead (or also) carry `"audio": "<file>.wav"` with an `<audio>` placeholder.
 `read_llava` checks every record before any training starts and names the record's index in
 its one error. `write_llava_dataset` builds such a dataset from the packaged image sets across
-four clearly different domains, each asked in several phrasings: Fashion-MNIST item names,
+four clearly different image domains, each asked in several phrasings: Fashion-MNIST item names,
 handwritten digit values and arithmetic on them, textile defect types, and counting / position
-questions about a 2×2 grid of digits. No real instruction corpus ships in any package, so these
-questions and answers are generated from the labels.
+questions about a 2×2 grid of digits. Two more domains serve Uni-MoE's modality stages: the same
+arithmetic asked in plain text, and the digit questions about spoken digits (espeak-ng). No real
+instruction corpus ships in any package, so these questions and answers are generated from the
+labels.
 """
 
 from __future__ import annotations

@@ -198,7 +198,9 @@ class VisualInstructionDataModule(L.LightningDataModule):
         seed: Seed of the generated data.
         predict_image: An image file for `predict` to answer `predict_question` about (default:
             predict runs over the test split).
-        predict_question: The question about `predict_image`.
+        predict_audio: A WAV file (22050 Hz, 16-bit) for `predict` to answer the question about,
+            instead of or with `predict_image` (needs `audio_token`).
+        predict_question: The question about `predict_image` / `predict_audio`.
         fashion_root: A Fashion-MNIST folder for the generated "fashion" domain (default: fetched
             once from the Debian package into the cache).
         batch_size: Training examples per batch.
@@ -223,6 +225,7 @@ class VisualInstructionDataModule(L.LightningDataModule):
         domains: list[str] | None = None,
         seed: int = 0,
         predict_image: str | None = None,
+        predict_audio: str | None = None,
         predict_question: str = "What is shown in the image?",
         fashion_root: str | None = None,
         batch_size: int = 8,
@@ -246,9 +249,11 @@ class VisualInstructionDataModule(L.LightningDataModule):
         self.domains = tuple(domains or DOMAINS)
         self.seed = seed
         self.fashion_root = fashion_root
-        if predict_image is not None and not Path(predict_image).is_file():
-            raise UserInputError(f"predict_image {predict_image} does not exist")
+        for name, path in (("predict_image", predict_image), ("predict_audio", predict_audio)):
+            if path is not None and not Path(path).is_file():
+                raise UserInputError(f"{name} {path} does not exist")
         self.predict_image = predict_image
+        self.predict_audio = predict_audio
         self.predict_question = predict_question
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -317,11 +322,16 @@ class VisualInstructionDataModule(L.LightningDataModule):
         return self._loader("predict")
 
     def _predict_examples(self) -> list[VisualExample]:
-        if self.predict_image is None:
+        if self.predict_image is None and self.predict_audio is None:
             return self.splits["test"]
+        image, audio = (Path(p) if p else None for p in (self.predict_image, self.predict_audio))
+        placeholders = "".join(
+            token for token, media in ((IMAGE_TOKEN, image), (AUDIO_TOKEN, audio)) if media
+        )
         question = VisualConversation(
             "predict",
-            Path(self.predict_image),
-            [("human", f"{IMAGE_TOKEN}\n{self.predict_question}"), ("gpt", "")],
+            image,
+            [("human", f"{placeholders}\n{self.predict_question}"), ("gpt", "")],
+            audio=audio,
         )
         return [encode_conversation(question, self.tokenizer, self.slots)]

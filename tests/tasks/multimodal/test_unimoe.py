@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_moe.adapters import adapted_layers
+from lightning_moe.data.llava import AUDIO_TOKEN
 from tests.tiny import REPO
 
 CONFIGS = REPO / "configs/multimodal"
@@ -232,3 +233,19 @@ def test_the_audio_chain_runs_and_spoken_samples_use_the_audio_expert(run, tmp_p
     assert (
         sum(shares) == pytest.approx(1.0) and shares[0] == shares[1] == 0.0
     )  # audio slots: expert 2 or shared
+
+    # ask about one audio file: the answer comes from the audio slots
+    wav = next((tmp_path / "cache").rglob("spoken/*.wav"))
+    adapter = next(tmp_path.rglob("unimoe_audio_smollm2/version_0/adapter"))
+    asked = run(
+        "unimoe_audio_smollm2.yaml",
+        "predict",
+        f"--model.init_args.adapter_path={adapter}",
+        f"--data.init_args.predict_audio={wav}",
+        "--data.init_args.predict_question=Which digit is spoken?",
+        "--trainer.callbacks=[{class_path: lightning_moe.callbacks.JsonlPredictionWriter, init_args: {path: heard.jsonl}}]",
+    )
+    (example,) = asked.datamodule._predict_examples()
+    assert example.audio == wav and example.input_ids.count(asked.datamodule.slots[AUDIO_TOKEN][0]) == 2
+    (record,) = [json.loads(line) for line in (tmp_path / "heard.jsonl").read_text().splitlines()]
+    assert record["question"] == "Which digit is spoken?" and isinstance(record["generation"], str)
