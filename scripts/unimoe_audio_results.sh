@@ -6,7 +6,7 @@
 # mix as the baseline. Every model is scored per domain on the test split.
 # Run scripts/unimoe_results.sh first: its image and text stages (in STAGES) seed the experts.
 # Usage: SEEDS="0" STEPS=160 bash scripts/unimoe_audio_results.sh   (rerunning skips finished steps;
-# BASELINE=0 leaves out the LoRA baseline)
+# BASELINE=0 leaves out the LoRA baseline; UNIFIED_STEPS sets the six-domain runs' steps, default STEPS)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=runs/multimodal  # where the configs look for the audio encoder and the image connector
@@ -15,6 +15,7 @@ SHOW="test/accuracy|predictions written"
 STEPS=${STEPS:-160}
 SEEDS=${SEEDS:-0}
 BASELINE=${BASELINE:-1}
+UNIFIED_STEPS=${UNIFIED_STEPS:-$STEPS}
 SIX="--data.init_args.domains=[fashion, digits, textile, grid, arithmetic, spoken]"
 AUDIO_DATA=(--data.init_args.audio_token="<empty_output>" --data.init_args.audio_tokens=8)
 source "$(dirname "$0")/timed.sh"
@@ -44,9 +45,9 @@ for seed in $SEEDS; do
     -e "s#runs/multimodal/unimoe_text_experts/fit/adapter#$STAGES/unimoe-text/seed$seed/adapter#g" \
     -e "s#runs/multimodal/unimoe_audio_experts/fit/adapter#$OUT/unimoe-audio/seed$seed/adapter#g" \
     configs/multimodal/unimoe_audio_smollm2.yaml >"$staged"
-  run unimoe-av "$seed" "$staged" --trainer.max_steps="$STEPS"
+  run unimoe-av "$seed" "$staged" --trainer.max_steps="$UNIFIED_STEPS"
   if [ "$BASELINE" = 1 ]; then
-    run six-lora "$seed" configs/multimodal/lora_smollm2.yaml "$SIX" --trainer.max_steps="$STEPS" "${AUDIO_DATA[@]}" \
+    run six-lora "$seed" configs/multimodal/lora_smollm2.yaml "$SIX" --trainer.max_steps="$UNIFIED_STEPS" "${AUDIO_DATA[@]}" \
       --model.init_args.audio_encoder=$OUT/audio_encoder \
       --model.init_args.audio_projector_path="$aligned/audio_projector.safetensors"
   fi
