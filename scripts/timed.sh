@@ -21,4 +21,15 @@ fit() {
     --trainer.logger.init_args.save_dir=$OUT --trainer.logger.init_args.name="$name" \
     --trainer.logger.init_args.version="s$seed"
 }
+# fit_and_test NAME SEED CONFIG ARGS...: fit in $OUT/NAME/seedSEED (the config's save_dir must be
+# $OUT), then test its exported adapter in $OUT/NAME/seedSEED-test
+fit_and_test() {
+  local name=$1 seed=$2 config=$3
+  shift 3
+  timed "$name-seed$seed-fit" $PY -m lightning_moe fit --config "$config" --seed_everything="$seed" \
+    --trainer.logger.init_args.name="$name" --trainer.logger.init_args.version="seed$seed" "$@"
+  timed "$name-seed$seed-test" $PY -m lightning_moe test --config "$config" "$@" \
+    --trainer.logger.init_args.name="$name" --trainer.logger.init_args.version="seed$seed-test" \
+    --model.init_args.adapter_path="$OUT/$name/seed$seed/adapter"
+}
 wants() { [[ " ${GROUPS_TO_RUN[*]} " == *" $1 "* ]]; }

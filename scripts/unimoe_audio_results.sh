@@ -20,24 +20,13 @@ SIX="--data.init_args.domains=[fashion, digits, textile, grid, arithmetic, spoke
 AUDIO_DATA=(--data.init_args.audio_token="<empty_output>" --data.init_args.audio_tokens=8)
 source "$(dirname "$0")/timed.sh"
 
-# run NAME SEED CONFIG ARGS...: fit in $OUT/NAME/seedSEED, then test its export in .../seedSEED-test
-run() {
-  local name=$1 seed=$2 config=$3
-  shift 3
-  timed "$name-seed$seed-fit" $PY -m lightning_moe fit --config "$config" --seed_everything="$seed" \
-    --trainer.logger.init_args.name="$name" --trainer.logger.init_args.version="seed$seed" "$@"
-  timed "$name-seed$seed-test" $PY -m lightning_moe test --config "$config" "$@" \
-    --trainer.logger.init_args.name="$name" --trainer.logger.init_args.version="seed$seed-test" \
-    --model.init_args.adapter_path="$OUT/$name/seed$seed/adapter"
-}
-
 timed audio-encoder-fit $PY -m lightning_moe fit --config configs/multimodal/audio_encoder.yaml
 for seed in $SEEDS; do
   aligned=$OUT/unimoe-audio-align/seed$seed/adapter
   timed "unimoe-audio-align-seed$seed-fit" $PY -m lightning_moe fit \
     --config configs/multimodal/unimoe_audio_align.yaml --seed_everything="$seed" \
     --trainer.logger.init_args.name=unimoe-audio-align --trainer.logger.init_args.version="seed$seed"
-  run unimoe-audio "$seed" configs/multimodal/unimoe_audio_experts.yaml --trainer.max_steps=$((STEPS / 2)) \
+  fit_and_test unimoe-audio "$seed" configs/multimodal/unimoe_audio_experts.yaml --trainer.max_steps=$((STEPS / 2)) \
     --model.init_args.projector_path="$aligned/projector.safetensors" \
     --model.init_args.audio_projector_path="$aligned/audio_projector.safetensors"
   staged=$OUT/unimoe_audio_smollm2_seed$seed.yaml
@@ -45,9 +34,9 @@ for seed in $SEEDS; do
     -e "s#runs/multimodal/unimoe_text_experts/fit/adapter#$STAGES/unimoe-text/seed$seed/adapter#g" \
     -e "s#runs/multimodal/unimoe_audio_experts/fit/adapter#$OUT/unimoe-audio/seed$seed/adapter#g" \
     configs/multimodal/unimoe_audio_smollm2.yaml >"$staged"
-  run unimoe-av "$seed" "$staged" --trainer.max_steps="$UNIFIED_STEPS"
+  fit_and_test unimoe-av "$seed" "$staged" --trainer.max_steps="$UNIFIED_STEPS"
   if [ "$BASELINE" = 1 ]; then
-    run six-lora "$seed" configs/multimodal/lora_smollm2.yaml "$SIX" --trainer.max_steps="$UNIFIED_STEPS" "${AUDIO_DATA[@]}" \
+    fit_and_test six-lora "$seed" configs/multimodal/lora_smollm2.yaml "$SIX" --trainer.max_steps="$UNIFIED_STEPS" "${AUDIO_DATA[@]}" \
       --model.init_args.audio_encoder=$OUT/audio_encoder \
       --model.init_args.audio_projector_path="$aligned/audio_projector.safetensors"
   fi

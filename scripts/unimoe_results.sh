@@ -14,30 +14,19 @@ MIX="--data.init_args.domains=[fashion, digits, textile, grid, arithmetic]"
 mkdir -p "$OUT"
 source "$(dirname "$0")/timed.sh"
 
-# run NAME SEED CONFIG ARGS...: fit in $OUT/NAME/seedSEED, then test its export in .../seedSEED-test
-run() {
-  local name=$1 seed=$2 config=$3
-  shift 3
-  timed "$name-seed$seed-fit" $PY -m lightning_moe fit --config "$config" --seed_everything="$seed" \
-    --trainer.logger.init_args.name="$name" --trainer.logger.init_args.version="seed$seed" "$@"
-  timed "$name-seed$seed-test" $PY -m lightning_moe test --config "$config" "$@" \
-    --trainer.logger.init_args.name="$name" --trainer.logger.init_args.version="seed$seed-test" \
-    --model.init_args.adapter_path="$OUT/$name/seed$seed/adapter"
-}
-
 timed align-fit $PY -m lightning_moe fit --config configs/multimodal/align_smollm2.yaml --trainer.max_steps=80
 for seed in $SEEDS; do
-  run mix-lora "$seed" configs/multimodal/lora_smollm2.yaml "$MIX" --trainer.max_steps="$STEPS"
-  run mix-mole "$seed" configs/multimodal/mole_smollm2.yaml "$MIX" --trainer.max_steps="$STEPS"
+  fit_and_test mix-lora "$seed" configs/multimodal/lora_smollm2.yaml "$MIX" --trainer.max_steps="$STEPS"
+  fit_and_test mix-mole "$seed" configs/multimodal/mole_smollm2.yaml "$MIX" --trainer.max_steps="$STEPS"
   # stage 2: each modality's LoRA on its own data; stage 3 reads this seed's folders
-  run unimoe-image "$seed" configs/multimodal/unimoe_image_experts.yaml --trainer.max_steps="$STEPS"
-  run unimoe-text "$seed" configs/multimodal/unimoe_text_experts.yaml --trainer.max_steps=$((STEPS / 2))
+  fit_and_test unimoe-image "$seed" configs/multimodal/unimoe_image_experts.yaml --trainer.max_steps="$STEPS"
+  fit_and_test unimoe-text "$seed" configs/multimodal/unimoe_text_experts.yaml --trainer.max_steps=$((STEPS / 2))
   staged=$OUT/unimoe_smollm2_seed$seed.yaml
   sed -e "s#runs/multimodal/unimoe_image_experts/fit/adapter#$OUT/unimoe-image/seed$seed/adapter#g" \
     -e "s#runs/multimodal/unimoe_text_experts/fit/adapter#$OUT/unimoe-text/seed$seed/adapter#g" \
     configs/multimodal/unimoe_smollm2.yaml >"$staged"
-  run unimoe "$seed" "$staged" --trainer.max_steps="$STEPS"
-  run mix-lora2x "$seed" configs/multimodal/lora_smollm2.yaml "$MIX" --trainer.max_steps="$STEPS" \
+  fit_and_test unimoe "$seed" "$staged" --trainer.max_steps="$STEPS"
+  fit_and_test mix-lora2x "$seed" configs/multimodal/lora_smollm2.yaml "$MIX" --trainer.max_steps="$STEPS" \
     --data.init_args.batch_size=16
 done
 
