@@ -27,10 +27,12 @@ from torch.utils.data import ConcatDataset, DataLoader
 from lightning_moe.data.image_sources import (
     DIGIT_CLASSES,
     FASHION_CLASSES,
+    TEXTILE_CLASSES,
     ImageSet,
     fashion_mnist,
     mnist_5k,
     sklearn_digits,
+    textile_images,
 )
 from lightning_moe.data.sampling import resumed_training_sampler
 from lightning_moe.data.splits import require_training_examples
@@ -51,18 +53,46 @@ def frame(images: torch.Tensor) -> torch.Tensor:
 
 
 STYLES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"inverted": invert, "framed": frame}
-CAPTION_NAMES = {"mnist-5k": "handwritten digit {}", "digits": "handwritten digit {}"}
+CAPTION_NAMES = {
+    "mnist-5k": "handwritten digit {}",
+    "digits": "handwritten digit {}",
+    "textile": "textile swatch",
+}
+# the sources whose classes are one object to a judge (any digit is "handwritten digit")
+SINGLE_OBJECTS = {"mnist-5k": "handwritten digit", "digits": "handwritten digit", "textile": "textile swatch"}
+SOURCES = ["fashion-mnist", "mnist-5k", "digits", "textile"]
+STORED_SIDE = 64  # textile photos (250 px JPGs) are decoded once at this side
 
 
 def _split(source: str, fashion_root: str | None) -> dict[str, ImageSet]:
     if source == "fashion-mnist":
         return {"train": fashion_mnist("train", fashion_root), "val": fashion_mnist("test", fashion_root)}
-    images = {"mnist-5k": mnist_5k, "digits": sklearn_digits}[source]()
+    images = {"mnist-5k": mnist_5k, "digits": sklearn_digits, "textile": textile_pixels}[source]()
     held_out = np.arange(len(images)) % 5 == 0
     return {
         split: ImageSet(images.name, images.class_names, images.labels[keep], pixels=images.pixels[keep])
         for split, keep in (("train", ~held_out), ("val", held_out))
     }
+
+
+def textile_pixels() -> ImageSet:
+    """The textile photos as grayscale pixels, like the other sources."""
+    photos = textile_images()
+    pixels = np.stack(
+        [
+            np.asarray(photos.image(i).convert("L").resize((STORED_SIDE, STORED_SIDE)))
+            for i in range(len(photos))
+        ]
+    )
+    return ImageSet(photos.name, photos.class_names, photos.labels, pixels=pixels)
+
+
+def split_pixels(
+    source: str, split: str, image_size: int, fashion_root: str | None = None
+) -> tuple[ImageSet, torch.Tensor]:
+    """One split of a source and its images as [N, 1, size, size] in [-1, 1]."""
+    images = _split(source, fashion_root)[split]
+    return images, _pixels(images, image_size)
 
 
 def source_class_names(source: str, fashion_root: str | None = None) -> list[str]:
@@ -84,12 +114,17 @@ def caption(source: str, class_name: str, styles: list[str]) -> str:
 
 
 def object_names(source: str, class_names: list[str]) -> list[str]:
-    """What a judge calls the objects of a source: each Fashion-MNIST class, or one "handwritten
-    digit" for the digit sets (the digit concept is any digit)."""
-    return ["handwritten digit"] if source in CAPTION_NAMES else list(class_names)
+    """What a judge calls the objects of a source: each Fashion-MNIST class, or one name for a
+    digit set ("handwritten digit": the digit concept is any digit) or the textile photos."""
+    return [SINGLE_OBJECTS[source]] if source in SINGLE_OBJECTS else list(class_names)
 
 
-SOURCE_CLASSES = {"fashion-mnist": FASHION_CLASSES, "mnist-5k": DIGIT_CLASSES, "digits": DIGIT_CLASSES}
+SOURCE_CLASSES = {
+    "fashion-mnist": FASHION_CLASSES,
+    "mnist-5k": DIGIT_CLASSES,
+    "digits": DIGIT_CLASSES,
+    "textile": TEXTILE_CLASSES,
+}
 
 
 def judged_objects(sources: list[str]) -> list[str]:
@@ -125,9 +160,8 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 def checked_source_and_styles(source: str, styles: list[str] | None) -> tuple[str, list[str]]:
     """The source and styles of a data module, after checking that both are known."""
-    sources = ["fashion-mnist", "mnist-5k", "digits"]
-    if source not in sources:
-        raise UserInputError(f"source must be one of {sources}, got {source!r}")
+    if source not in SOURCES:
+        raise UserInputError(f"source must be one of {SOURCES}, got {source!r}")
     unknown = [style for style in styles or [] if style not in STYLES]
     if unknown:
         raise UserInputError(f"unknown style {unknown[0]!r}; known styles: {sorted(STYLES)}")

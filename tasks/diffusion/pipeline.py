@@ -60,8 +60,9 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guided = guidance_scale != 1.0
         unconditional_prompts = [""] * len(prompts) if guided else []
         states, mask = self.encode_prompt(list(prompts) + unconditional_prompts)
-        size = self.unet.config.sample_size
-        shape = (len(prompts), self.unet.config.in_channels, size, size)
+        size = self.unet.config.sample_size  # one side, or (height, width)
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (len(prompts), self.unet.config.in_channels, height, width)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
