@@ -45,6 +45,14 @@ TINY_UNET = {
     "attention_head_dim": 4,
     "norm_num_groups": 4,
 }
+# a two-slot canvas latent (4 x 8): cross-attention at both resolutions, self-attention at the
+# lower one and in the mid block, as in configs/diffusion/canvas_base.yaml
+TINY_CANVAS_UNET = TINY_UNET | {
+    "sample_size": [4, 8],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "only_cross_attention": [True, False],
+}
 TINY_TEXT_ENCODER = {
     "model_type": "bert",
     "vocab_size": 259,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -14,11 +15,53 @@ from lightning_moe.errors import UserInputError
 NoisePrediction = Callable[[], Tensor]
 
 
+@dataclass
+class Sampling:
+    """What a composition may read while one batch of prompts is sampled.
+
+    `states` and `mask` are the text encoder's output for the prompts, followed (with guidance)
+    by the unconditional rows; `layouts` maps each prompt's concept words to a canvas region.
+    """
+
+    unet: nn.Module
+    tokenizer: Any
+    prompts: list[str]
+    layouts: list[dict[str, str]] | None
+    states: Tensor
+    mask: Tensor
+    timesteps: Tensor
+    scale_model_input: Callable[[Tensor, Tensor], Tensor]
+
+    def conditional_noise(self, latents: Tensor, timestep: Tensor) -> Tensor:
+        """The UNet's noise for the prompts alone (no unconditional rows), with gradients if enabled."""
+        rows = len(self.prompts)
+        return self.unet(
+            self.scale_model_input(latents, timestep),
+            timestep,
+            encoder_hidden_states=self.states[:rows],
+            encoder_attention_mask=self.mask[:rows],
+        ).sample
+
+
 class Composition:
-    """How the LoRAs of a fixed-weight mixture combine into one noise prediction at a step."""
+    """How the LoRAs of a fixed-weight mixture combine into one noise prediction at a step.
+
+    The pipeline calls `start` before the first step (it may re-initialise the latents), `guide`
+    before each step (it may move the latents), `predict` at each step, and `finish` at the end,
+    also after an error.
+    """
+
+    def start(self, sampling: Sampling, latents: Tensor) -> Tensor:
+        return latents
+
+    def guide(self, latents: Tensor, step: int, timestep: Tensor) -> Tensor:
+        return latents
 
     def predict(self, unet: nn.Module, predict_noise: NoisePrediction, step: int) -> Tensor:
         raise NotImplementedError
+
+    def finish(self) -> None:
+        return None
 
 
 def one_hot(index: int, count: int) -> list[float]:

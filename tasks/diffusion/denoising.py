@@ -166,7 +166,13 @@ class TextToImageDiffusion:
         figure = captioned_figure(images, self.sample_prompts, columns=len(self.sample_prompts))
         self.logger.experiment.add_figure("samples", figure, self.global_step)
 
-    def sample(self, prompts: list[str], composition: Composition | None = None, seed: int = 0) -> Tensor:
+    def sample(
+        self,
+        prompts: list[str],
+        composition: Composition | None = None,
+        seed: int = 0,
+        layouts: list[dict[str, str]] | None = None,
+    ) -> Tensor:
         generator = torch.Generator(self.device).manual_seed(self.model_seed + seed)
         return self.pipeline()(
             prompts,
@@ -174,4 +180,5 @@ class TextToImageDiffusion:
             guidance_scale=self.guidance_scale,
             generator=generator,
             composition=composition,
+            layouts=layouts,
         )

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from lightning_moe.errors import UserInputError
-from lightning_moe.tasks.diffusion.compositions import Composition
+from lightning_moe.tasks.diffusion.compositions import Composition, Sampling
 
 
 @torch.no_grad()
@@ -54,7 +54,9 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guidance_scale: float = 3.0,
         generator: torch.Generator | None = None,
         composition: Composition | None = None,
+        layouts: list[dict[str, str]] | None = None,
     ) -> Tensor:
+        """`layouts` (each prompt's concept words -> canvas region) is for layout-aware compositions."""
         if num_inference_steps < 1:
             raise UserInputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         guided = guidance_scale != 1.0
@@ -66,22 +68,41 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for step, timestep in enumerate(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([latents] * (1 + guided)), timestep)
+        if composition is not None:
+            sampling = Sampling(
+                self.unet,
+                self.tokenizer,
+                list(prompts),
+                layouts,
+                states,
+                mask,
+                self.scheduler.timesteps,
+                self.scheduler.scale_model_input,
+            )
+        try:
+            if composition is not None:
+                latents = composition.start(sampling, latents)
+            for step, timestep in enumerate(self.scheduler.timesteps):
+                if composition is not None:
+                    latents = composition.guide(latents, step, timestep)
+                model_input = self.scheduler.scale_model_input(torch.cat([latents] * (1 + guided)), timestep)
 
-            def predict_noise(model_input=model_input, timestep=timestep) -> Tensor:
-                return self.unet(
-                    model_input, timestep, encoder_hidden_states=states, encoder_attention_mask=mask
-                ).sample
+                def predict_noise(model_input=model_input, timestep=timestep) -> Tensor:
+                    return self.unet(
+                        model_input, timestep, encoder_hidden_states=states, encoder_attention_mask=mask
+                    ).sample
 
-            if composition is None:
-                noise = predict_noise()
-            else:
-                noise = composition.predict(self.unet, predict_noise, step)
-            if guided:
-                conditional, unconditional = noise.chunk(2)
-                noise = unconditional + guidance_scale * (conditional - unconditional)
-            latents = self.scheduler.step(noise, timestep, latents, generator=generator).prev_sample
+                if composition is None:
+                    noise = predict_noise()
+                else:
+                    noise = composition.predict(self.unet, predict_noise, step)
+                if guided:
+                    conditional, unconditional = noise.chunk(2)
+                    noise = unconditional + guidance_scale * (conditional - unconditional)
+                latents = self.scheduler.step(noise, timestep, latents, generator=generator).prev_sample
+        finally:
+            if composition is not None:
+                composition.finish()
         return (self.decode(latents).clamp(-1, 1) + 1) / 2
 
     def decode(self, latents: Tensor) -> Tensor:

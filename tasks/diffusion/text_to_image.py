@@ -96,7 +96,7 @@ class TextToImageTask(TextToImageDiffusion, AdapterModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One record per prompt: the image, its sampling cost and, with a judge, which concepts show."""
         start = time.perf_counter()
-        images = self.sample(batch["prompt"], self.composition, seed=batch_idx)
+        images = self.sample(batch["prompt"], self.composition, seed=batch_idx, layouts=batch.get("layout"))
         seconds = (time.perf_counter() - start) / len(images)
         records = [
             {"prompt": prompt, "image": image.cpu(), "seconds_per_image": seconds}

@@ -12,27 +12,15 @@ from lightning_moe.tasks.diffusion.attention import (
     ConceptAttnProcessor,
     install_processors,
 )
+from tests.tiny import TINY_CANVAS_UNET
 from tests.tolerances import assert_same_maths
 
 HEIGHT, WIDTH = 4, 8  # a two-slot latent: the left half and the right half
 
 
 def canvas_unet() -> UNet2DConditionModel:
-    """Cross-attention at both resolutions and self-attention at the lower one and the mid block."""
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=[HEIGHT, WIDTH],
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=[8, 16],
-        layers_per_block=1,
-        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        only_cross_attention=[True, False],
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).double()
+    return UNet2DConditionModel(**TINY_CANVAS_UNET).double()
 
 
 def unet_inputs(batch: int = 2, tokens: int = 5):
