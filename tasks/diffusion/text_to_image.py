@@ -57,7 +57,8 @@ class TextToImageTask(TextToImageDiffusion, AdapterModule):
 
     Args:
         composition: How `predict` combines the LoRAs of a fixed-weight mixture (`Merge`,
-            `Switch`, `Composite` from lightning_moe.tasks.diffusion); None samples the model as is.
+            `Switch`, `Composite`, `CLoRA`, `LoRAComposer` from lightning_moe.tasks.diffusion;
+            LoRAComposer reads each prompt's `layout` from the batch); None samples the model as is.
         judge_path: A trained concept judge folder; `predict` then records concept presence.
         data: The data module (linked by the CLI); a judge needs a `ConceptPromptDataModule`,
             whose prompts say which concepts to expect.
