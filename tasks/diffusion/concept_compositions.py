@@ -111,7 +111,7 @@ class ConceptComposition(Composition):
         return (latents - self.step_size * gradient / rms).detach()
 
     def fused(self, predict_noise: NoisePrediction, masks_of_pass) -> Tensor:
-        """Each LoRA's noise alone, fused by the masks [prompts, concepts, H, W] masks_of_pass gives."""
+        """Each LoRA's noise alone, fused by the mask [prompts, H, W] masks_of_pass gives each."""
         noises, masks = [], []
         for index in range(len(self.concepts)):
             self.use_lora(index)
