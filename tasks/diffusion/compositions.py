@@ -29,14 +29,13 @@ class Sampling:
     layouts: list[dict[str, str]] | None
     states: Tensor
     mask: Tensor
-    timesteps: Tensor
-    scale_model_input: Callable[[Tensor, Tensor], Tensor]
+    scheduler: Any  # a diffusers scheduler, its timesteps set
 
     def conditional_noise(self, latents: Tensor, timestep: Tensor) -> Tensor:
         """The UNet's noise for the prompts alone (no unconditional rows), with gradients if enabled."""
         rows = len(self.prompts)
         return self.unet(
-            self.scale_model_input(latents, timestep),
+            self.scheduler.scale_model_input(latents, timestep),
             timestep,
             encoder_hidden_states=self.states[:rows],
             encoder_attention_mask=self.mask[:rows],
@@ -44,7 +43,8 @@ class Sampling:
 
 
 class Composition:
-    """How the LoRAs of a fixed-weight mixture combine into one noise prediction at a step.
+    """How the LoRAs of a fixed-weight mixture combine into one noise prediction at a step; this
+    base samples the model as it is.
 
     The pipeline calls `start` before the first step (it may re-initialise the latents), `guide`
     before each step (it may move the latents), `predict` at each step, and `finish` at the end,
@@ -58,7 +58,7 @@ class Composition:
         return latents
 
     def predict(self, unet: nn.Module, predict_noise: NoisePrediction, step: int) -> Tensor:
-        raise NotImplementedError
+        return predict_noise()
 
     def finish(self) -> None:
         return None

@@ -186,6 +186,10 @@ class LoRAComposer(ConceptComposition):
     def start(self, sampling: Sampling, latents: Tensor) -> Tensor:
         latents = super().start(sampling, latents)
         self.regions = self.layout_regions(sampling.layouts, *latents.shape[-2:]).to(latents)
+        # the object concepts (a slot each); styles such as framed are everywhere on the border
+        self.boxes = torch.tensor(
+            [[layout[words] in SLOTS for words in self.concepts] for layout in sampling.layouts]
+        )
         if not self.composing:
             return latents
         tokens = sampling.states.shape[1]
@@ -195,9 +199,10 @@ class LoRAComposer(ConceptComposition):
                 allowed[row, positions] = self.regions[row, index]
         self.control.token_regions = allowed
         if self.isolate:
-            self.control.slot_labels = self.slot_labels(sampling.layouts).to(latents.device)
+            self.control.slot_labels = self.slot_labels().to(latents.device)
         if self.reinitialise:
-            latents = self.reinitialised(latents, sampling.timesteps[0])
+            maps = self.unconstrained_maps(latents, sampling.scheduler.timesteps[0])
+            latents = move_best_windows(latents, maps, self.regions, self.boxes)
         return latents
 
     def layout_regions(self, layouts: list[dict[str, str]] | None, height: int, width: int) -> Tensor:
@@ -217,13 +222,11 @@ class LoRAComposer(ConceptComposition):
             )
         return torch.stack(regions)
 
-    def slot_labels(self, layouts: list[dict[str, str]]) -> Tensor:
-        """[prompts, H, W]: k + 1 on the slot of object concept k, 0 elsewhere (styles are global)."""
+    def slot_labels(self) -> Tensor:
+        """[prompts, H, W]: k + 1 on the slot of object concept k, 0 elsewhere."""
         labels = torch.zeros(self.regions.shape[0], *self.regions.shape[-2:], dtype=torch.long)
-        for row, layout in enumerate(layouts):
-            for index, words in enumerate(self.concepts):
-                if layout[words] in SLOTS:
-                    labels[row][self.regions[row, index].bool().cpu()] = index + 1
+        for row, concept in self.boxes.nonzero().tolist():
+            labels[row][self.regions[row, concept].bool().cpu()] = concept + 1
         return labels
 
     def unconstrained_maps(self, latents: Tensor, timestep: Tensor) -> Tensor:
@@ -236,12 +239,6 @@ class LoRAComposer(ConceptComposition):
             maps.append(self.concept_maps()[:, index])
         self.control.constrain, self.control.record = True, False
         return torch.stack(maps, 1)
-
-    def reinitialised(self, latents: Tensor, timestep: Tensor) -> Tensor:
-        boxes = torch.tensor(
-            [[layout[words] in SLOTS for words in self.concepts] for layout in self.sampling.layouts]
-        )
-        return move_best_windows(latents, self.unconstrained_maps(latents, timestep), self.regions, boxes)
 
     def guide(self, latents: Tensor, step: int, timestep: Tensor) -> Tensor:
         if not self.composing or step >= self.guidance_steps:

@@ -68,23 +68,12 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if composition is not None:
-            sampling = Sampling(
-                self.unet,
-                self.tokenizer,
-                list(prompts),
-                layouts,
-                states,
-                mask,
-                self.scheduler.timesteps,
-                self.scheduler.scale_model_input,
-            )
+        composition = composition or Composition()
+        sampling = Sampling(self.unet, self.tokenizer, list(prompts), layouts, states, mask, self.scheduler)
         try:
-            if composition is not None:
-                latents = composition.start(sampling, latents)
+            latents = composition.start(sampling, latents)
             for step, timestep in enumerate(self.scheduler.timesteps):
-                if composition is not None:
-                    latents = composition.guide(latents, step, timestep)
+                latents = composition.guide(latents, step, timestep)
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * (1 + guided)), timestep)
 
                 def predict_noise(model_input=model_input, timestep=timestep) -> Tensor:
@@ -92,17 +81,13 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                         model_input, timestep, encoder_hidden_states=states, encoder_attention_mask=mask
                     ).sample
 
-                if composition is None:
-                    noise = predict_noise()
-                else:
-                    noise = composition.predict(self.unet, predict_noise, step)
+                noise = composition.predict(self.unet, predict_noise, step)
                 if guided:
                     conditional, unconditional = noise.chunk(2)
                     noise = unconditional + guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(noise, timestep, latents, generator=generator).prev_sample
         finally:
-            if composition is not None:
-                composition.finish()
+            composition.finish()
         return (self.decode(latents).clamp(-1, 1) + 1) / 2
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -117,10 +117,7 @@ def test_composer_passes_at_every_step(parts):
 def started(pipe, composition, latents):
     states, mask = pipe.encode_prompt(PROMPTS + ["", ""])
     pipe.scheduler.set_timesteps(3)
-    sampling = Sampling(
-        pipe.unet, pipe.tokenizer, PROMPTS, LAYOUTS, states, mask,
-        pipe.scheduler.timesteps, pipe.scheduler.scale_model_input,
-    )  # fmt: skip
+    sampling = Sampling(pipe.unet, pipe.tokenizer, PROMPTS, LAYOUTS, states, mask, pipe.scheduler)
     return composition.start(sampling, latents), states, mask
 
 
