@@ -46,6 +46,9 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         return encode_text(self.tokenizer, self.text_encoder, prompts, self.device)
 
+    # outside inference mode (Lightning predicts inside it): its tensors cannot enter autograd,
+    # and CLoRA and LoRA-Composer take gradient steps on the latent
+    @torch.inference_mode(False)
     @torch.no_grad()
     def __call__(
         self,

@@ -114,6 +114,16 @@ def test_composer_passes_at_every_step(parts):
     assert all(isinstance(p, AttnProcessor) for p in pipe.unet.attn_processors.values())
 
 
+@pytest.mark.parametrize("make", [CLoRA, LoRAComposer], ids=["clora", "composer"])
+def test_latent_steps_run_under_inference_mode_as_in_predict(parts, make):
+    pipe = pipeline(parts)
+    with torch.no_grad():
+        expected = sample(pipe, make(CONCEPTS, guidance_steps=2))
+    with torch.inference_mode():  # Lightning's predict loop
+        got = sample(pipe, make(CONCEPTS, guidance_steps=2))
+    assert_same_maths(got, expected)
+
+
 def started(pipe, composition, latents):
     states, mask = pipe.encode_prompt(PROMPTS + ["", ""])
     pipe.scheduler.set_timesteps(3)
