@@ -256,26 +256,33 @@ def write_tiny_audio_encoder(folder: str | Path) -> None:
     save_audio_encoder(AudioEncoder(width=16, tokens=TINY_AUDIO_TOKENS), folder)
 
 
-def _tiny_text_to_image_model() -> nn.Module:
+def _tiny_text_to_image_model(unet_config: dict) -> nn.Module:
     """The diffusion task's model at test size (its layers are named "unet.…" as in the task)."""
     from lightning_moe.tasks.diffusion.models import TextToImageModel, build_text_encoder, build_unet
 
     return TextToImageModel(
-        build_unet(None, TINY_UNET, seed=0), build_text_encoder(None, TINY_TEXT_ENCODER, None)
+        build_unet(None, unet_config, seed=0), build_text_encoder(None, TINY_TEXT_ENCODER, None)
     )
+
+
+def _tiny_unet_for(folder: str) -> dict:
+    """The tiny UNet a LoRA folder's config runs on: the canvas one for the canvas LoRAs."""
+    return TINY_CANVAS_UNET if "/canvas/" in folder else TINY_UNET
 
 
 def write_tiny_diffusion_files(loras: list[str], gate: str | None, judge: str | None) -> None:
     """Tiny concept LoRAs at `loras`, an X-LoRA gate over them at `gate` and a concept judge at
-    `judge` (the folders the diffusion configs read), each only if it is not there yet."""
+    `judge` (the folders the diffusion configs read), each only if it is not there yet. The judge
+    knows every packaged object and both styles, so it serves the single-image and canvas sets."""
     from lightning_moe.adapters import AdapterRule, LoraConfig, XLoraConfig, inject, save_adapter
+    from lightning_moe.data.captioned_images import judged_objects
     from lightning_moe.tasks.diffusion import ConceptJudge
     from lightning_moe.tasks.diffusion.concept_judge import save_concept_judge
 
     attention = ["to_q", "to_k", "to_v", "to_out.0"]
     for index, folder in enumerate(loras):
         if not Path(folder).exists():
-            model = _tiny_text_to_image_model()
+            model = _tiny_text_to_image_model(_tiny_unet_for(folder))
             rules = [AdapterRule(targets=attention, adapter=LoraConfig(rank=2))]
             inject(model, rules)
             torch.manual_seed(index)
@@ -284,12 +291,13 @@ def write_tiny_diffusion_files(loras: list[str], gate: str | None, judge: str | 
                     parameter.data.normal_(std=0.1)
             save_adapter(model, rules, folder, base_model="tiny")
     if gate is not None and not Path(gate).exists():
-        model = _tiny_text_to_image_model()
+        model = _tiny_text_to_image_model(TINY_UNET)
         rules = [AdapterRule(targets=attention, adapter=XLoraConfig(experts=loras))]
         inject(model, rules)
         save_adapter(model, rules, gate, base_model="tiny")
     if judge is not None and not Path(judge).exists():
-        tiny_judge = ConceptJudge("resnet10t", ["handwritten digit"], ["inverted", "framed"], seed=0)
+        objects = judged_objects(["fashion-mnist", "mnist-5k", "textile"])
+        tiny_judge = ConceptJudge("resnet10t", objects, ["inverted", "framed"], seed=0)
         save_concept_judge(tiny_judge, "resnet10t", judge)
 
 
@@ -341,6 +349,7 @@ TINY_OVERLAYS = [
     ("multimodal/*", ["multimodal"]),
     ("judges/*", ["judges"]),
     ("diffusion/gate_concepts.yaml", ["diffusion", "diffusion_mix"]),
+    ("diffusion/compose_canvas_*", ["diffusion", "diffusion_canvas", "diffusion_canvas_prompts"]),
     ("diffusion/compose_*", ["diffusion", "diffusion_prompts"]),
     ("diffusion/*", ["diffusion", "diffusion_captioned"]),
     ("continual/align_clip.yaml", ["continual_align"]),

@@ -1,10 +1,11 @@
 """Concept judges: a small CNN that says which object a (generated) image shows and which styles
 are drawn on it, trained on the packaged image sources with the styles applied at random.
 
-It is how composed concept LoRAs are scored: an image of "a handwritten digit, inverted, framed"
-counts as showing each concept the judge finds. The backbone is any timm model (trained from
-scratch here: no pretrained weights for 32 px grayscale); one linear head classifies the object,
-one gives a logit per style.
+It is how composed concept LoRAs are scored (presence.py): an image of "a handwritten digit,
+inverted, framed" counts as showing each concept the judge finds, and a canvas judge (no styles)
+names the object of each slot. The backbone is any timm model (trained from scratch here: no
+pretrained weights for 24-32 px grayscale); one linear head classifies the object, one gives a
+logit per style.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class ConceptJudge(nn.Module):
             torch.manual_seed(seed)
             self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0)
             self.objects = nn.Linear(self.backbone.num_features, len(object_names))
-            self.styles = nn.Linear(self.backbone.num_features, len(style_names))
+            # a judge of no styles has no style head (an empty Linear would warn at its init)
+            self.styles = nn.Linear(self.backbone.num_features, len(style_names)) if style_names else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         features = self.backbone(images)
-        return self.objects(features), self.styles(features)
+        styles = self.styles(features) if self.styles is not None else features.new_zeros(len(features), 0)
+        return self.objects(features), styles
 
     @torch.no_grad()
     def judge(self, images: Tensor) -> dict[str, Tensor]:
@@ -79,8 +82,9 @@ def load_concept_judge(folder: str | os.PathLike) -> ConceptJudge:
 
 
 class ConceptJudgeTask(TaskModule):
-    """Trains a `ConceptJudge` on a `StyledImageDataModule` (object cross-entropy plus one binary
-    cross-entropy per style); validation reports object and per-style accuracy.
+    """Trains a `ConceptJudge` on a `StyledImageDataModule` (object cross-entropy plus, if it
+    judges styles, one binary cross-entropy per style); validation reports object and per-style
+    accuracy.
 
     Args:
         sources: The image sources whose objects the judge tells apart; the CLI links it from
@@ -125,9 +129,9 @@ class ConceptJudgeTask(TaskModule):
 
     def task_loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         objects, styles = self.model(batch["image"])
-        loss = F.cross_entropy(objects, batch["object"]) + F.binary_cross_entropy_with_logits(
-            styles, batch["styles"]
-        )
+        loss = F.cross_entropy(objects, batch["object"])
+        if self.model.style_names:  # the mean over no style logits would be NaN
+            loss = loss + F.binary_cross_entropy_with_logits(styles, batch["styles"])
         if not self.training:
             self.object_accuracy.to(self.device).update(objects.argmax(-1), batch["object"])
             for column, name in enumerate(self.model.style_names):

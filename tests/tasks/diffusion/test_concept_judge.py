@@ -2,10 +2,16 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from lightning_moe.data.captioned_images import FRAME_WIDTH, StyledImageDataModule
 from lightning_moe.errors import UserInputError
-from lightning_moe.tasks.diffusion.concept_judge import ConceptJudge, load_concept_judge, save_concept_judge
+from lightning_moe.tasks.diffusion.concept_judge import (
+    ConceptJudge,
+    ConceptJudgeTask,
+    load_concept_judge,
+    save_concept_judge,
+)
 
 
 def test_styles_are_drawn_exactly_where_flagged():
@@ -42,3 +48,19 @@ def test_judge_saves_and_reloads_to_the_same_verdicts(tmp_path):
     assert set(verdicts) == {"object", "inverted", "framed"} and verdicts["object"].shape == (3,)
     with pytest.raises(UserInputError, match="no concept judge in"):
         load_concept_judge(tmp_path / "missing")
+
+
+def test_a_judge_of_no_styles_trains_on_the_object_alone():
+    task = ConceptJudgeTask(sources=["digits", "textile"], styles=[])
+    task.configure_model()
+    assert task.model.object_names == ["handwritten digit", "textile swatch"] and task.model.styles is None
+    batch = {
+        "image": torch.rand(4, 1, 16, 16) * 2 - 1,
+        "object": torch.tensor([0, 1, 1, 0]),
+        "styles": torch.zeros(4, 0),
+    }
+    task.model.eval()  # the same batch-norm statistics in both forward passes
+    loss, _ = task.task_loss(batch)
+    objects, styles = task.model(batch["image"])
+    assert styles.shape == (4, 0)
+    torch.testing.assert_close(loss, F.cross_entropy(objects, batch["object"]))
