@@ -39,8 +39,8 @@ done
 declare -A METHOD=(
   [base]="--config $D/compose_base.yaml"
   [merge]=""
-  [switch]="--model.init_args.composition=lightning_moe.tasks.diffusion.pipeline.Switch --model.init_args.composition.every=2"
-  [composite]="--model.init_args.composition=lightning_moe.tasks.diffusion.pipeline.Composite"
+  [switch]="--model.init_args.composition=lightning_moe.tasks.diffusion.Switch --model.init_args.composition.every=2"
+  [composite]="--model.init_args.composition=lightning_moe.tasks.diffusion.Composite"
   [gate]="--config $D/compose_gate.yaml"
 )
 for set in three digit_inverted digit_framed inverted_framed; do
