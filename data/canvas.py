@@ -70,11 +70,17 @@ def slot_crops(canvases: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def shows_frame(canvases: torch.Tensor, tolerance: float = 0.35) -> torch.Tensor:
-    """Per canvas (pixels in [-1, 1]): whether its border ring is the frame's mid-grey (0) on
-    average within `tolerance`. A plain canvas has a black (-1) ground at its border."""
-    ring = region_mask("border", *canvases.shape[-2:]).bool()
-    border = canvases[..., ring].flatten(1)
-    return (border.mean(-1).abs() < tolerance) & (border.std(-1) < 2 * tolerance)
+    """Per canvas (pixels in [-1, 1]): whether the border ring of each slot is the frame's
+    mid-grey (0) on average within `tolerance`. A plain canvas has a black (-1) ground at its
+    border. Each slot's part of the ring is checked on its own because a textile swatch is grey
+    too: one in a slot greys that slot's part of the ring, never the other's."""
+    height, width = canvases.shape[-2:]
+    ring = region_mask("border", height, width).bool()
+    shown = []
+    for slot in SLOTS:
+        border = canvases[..., ring & region_mask(slot, height, width).bool()].flatten(1)
+        shown.append((border.mean(-1).abs() < tolerance) & (border.std(-1) < 2 * tolerance))
+    return torch.stack(shown).all(0)
 
 
 class ObjectTiles:

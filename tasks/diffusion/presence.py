@@ -2,10 +2,11 @@
 
 - Single images (`ConceptPromptDataModule`): the judge names the object and the styles of the
   whole image.
-- Two-slot canvases (`CanvasPromptDataModule`): the judge names the object of each slot's crop,
-  with the border ring set to the ground first, so a frame does not reach into the crops. A crop
-  with almost no ink holds nothing, whatever the judge would call it. The frame is read off the
-  border ring (`shows_frame`), which is where the framed LoRA's concept lives.
+- Two-slot canvases (`CanvasPromptDataModule`): the judge names the object of each slot's crop
+  (configs/judges/canvas_judge.yaml trains it with a frame on half of its images, so a crop's
+  part of the frame does not mislead it). A crop with almost no ink holds nothing, whatever the
+  judge would call it. The frame is read off the border ring (`shows_frame`), which is where the
+  framed LoRA's concept lives.
 
 An image shows all its concepts (`all_present`) when every concept a LoRA stands for is where the
 prompt put it; the objects that only fill a free slot are recorded but do not count.
@@ -18,7 +19,7 @@ from typing import Any
 import lightning as L
 from torch import Tensor
 
-from lightning_moe.data.canvas import SLOTS, CanvasPromptDataModule, region_mask, shows_frame, slot_crops
+from lightning_moe.data.canvas import SLOTS, CanvasPromptDataModule, shows_frame, slot_crops
 from lightning_moe.data.concept_prompts import ConceptPromptDataModule
 from lightning_moe.errors import UserInputError
 from lightning_moe.tasks.diffusion.concept_judge import ConceptJudge
@@ -83,9 +84,8 @@ def concept_presence(
 
 def slot_objects(judge: ConceptJudge, canvases: Tensor) -> dict[str, list[str]]:
     """Each slot's object per canvas [B, 1, H, 2H] in [-1, 1], or EMPTY where it has no ink."""
-    ring = region_mask("border", *canvases.shape[-2:]).bool().to(canvases.device)
     seen = {}
-    for slot, crop in slot_crops(canvases.masked_fill(ring, -1.0)).items():
+    for slot, crop in slot_crops(canvases).items():
         objects = judge.judge(crop)["object"].tolist()
         inked = ((crop > INK_LEVEL).flatten(1).float().mean(-1) >= MIN_INK).tolist()
         seen[slot] = [

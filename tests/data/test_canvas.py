@@ -43,6 +43,11 @@ def test_framed_canvases_are_detected_and_plain_ones_are_not():
     framed_images = torch.stack([framed.splits["train"][i]["image"] for i in range(16)])
     plain_images = torch.stack([plain.splits["train"][i]["image"] for i in range(16)])
     assert shows_frame(framed_images).all() and not shows_frame(plain_images).any()
+    textile = CanvasDataModule(
+        source="digits", concept_source="textile", image_size=24, train_size=16, val_size=4
+    )
+    textile.setup("fit")  # a grey swatch in one slot, on its part of the ring, is no frame
+    assert not shows_frame(torch.stack([textile.splits["train"][i]["image"] for i in range(16)])).any()
     assert framed.splits["train"][0]["caption"].endswith(", framed")
 
 
