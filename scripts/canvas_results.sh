@@ -92,4 +92,4 @@ for step in 0.1 0.25 1.0; do
     "$(composition LoRAComposer "$concepts, \"isolate\": false, \"step_size\": $step")" \
     --trainer.logger.init_args.name=digit_textile --trainer.logger.init_args.version=lora_composer_no_isolation_step_$step
 done
-$PY scripts/canvas_table.py --second-judge runs/judges/canvas_judge_seed1 --figure docs/images/canvas_digit_textile.png
+$PY scripts/canvas_table.py --second-judge runs/judges/canvas_judge_seed1 --figures docs/images

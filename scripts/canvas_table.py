@@ -1,14 +1,18 @@
 """Concept-presence tables of the composed canvas LoRAs, read from the prediction files that
 `predict` writes under runs/diffusion/compose_canvas/<prompt set>/<method>/predictions.jsonl.
 
-    python scripts/canvas_table.py [--root runs/diffusion/compose_canvas] [--figure docs/images/x.png]
+    python scripts/canvas_table.py [--root runs/diffusion/compose_canvas] [--judge J]
+        [--second-judge J2] [--figures docs/images]
 
-Table 0: the judge on real held-out canvases (a digit or a textile swatch in one slot, a
-Fashion-MNIST object in the other, framed or not): how often it finds each concept. Table 1:
-each LoRA alone, and the base, on prompts of that LoRA's concept (single/<lora>,
-single/base_<lora>). Table 2: per prompt set and method, the share of canvases showing every
-LoRA concept where the prompt put it, with its Wilson 95 % interval, how often each concept
-shows on its own, and the sampling cost per image.
+First the judge on held-out tiles (how often it names each object) and on real held-out
+canvases (a digit or a textile swatch in one slot, a Fashion-MNIST object in the other, framed or
+not: how often it finds each concept). Then each LoRA alone, and the base, on prompts of that
+LoRA's concept (single/<lora>, single/base_<lora>). Then per prompt set and method (and the
+parts of CLoRA and LoRA-Composer), the share of canvases showing every LoRA concept where the
+prompt put it, with its Wilson 95 % interval, how often each concept shows on its own, and the
+sampling cost per image. With --second-judge, every composition judged again by it, from the
+grids. With --figures, one figure per prompt set (canvas_<set>.png): the first row of every
+method's grid.
 """
 
 from __future__ import annotations
@@ -250,7 +254,7 @@ def main() -> None:
     parser.add_argument("--root", default="runs/diffusion/compose_canvas", type=Path)
     parser.add_argument("--judge", default="runs/judges/canvas_judge", type=Path)
     parser.add_argument("--second-judge", type=Path, help="re-judge every composition with this judge too")
-    parser.add_argument("--figure", type=Path, help="write the method rows of the digit + textile set here")
+    parser.add_argument("--figures", type=Path, help="write each prompt set's method rows in this folder")
     arguments = parser.parse_args()
     print_judge_on_tiles(arguments.judge)
     print_judge_on_real_canvases(arguments.judge)
@@ -258,8 +262,9 @@ def main() -> None:
     print_compositions(arguments.root)
     if arguments.second_judge is not None:
         print_judge_agreement(arguments.root, arguments.judge, arguments.second_judge)
-    if arguments.figure is not None:
-        method_rows_figure(arguments.root / "digit_textile", arguments.figure)
+    if arguments.figures is not None:
+        for prompt_set in PROMPT_SETS:
+            method_rows_figure(arguments.root / prompt_set, arguments.figures / f"canvas_{prompt_set}.png")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 are drawn on it, trained on the packaged image sources with the styles applied at random.
 
 It is how composed concept LoRAs are scored (presence.py): an image of "a handwritten digit,
-inverted, framed" counts as showing each concept the judge finds, and a canvas judge (no styles)
-names the object of each slot. The backbone is any timm model (trained from scratch here: no
+inverted, framed" counts as showing each concept the judge finds, and a canvas judge names the
+object of each slot. The backbone is any timm model (trained from scratch here: no
 pretrained weights for 24-32 px grayscale); one linear head classifies the object, one gives a
 logit per style.
 """

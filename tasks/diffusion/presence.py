@@ -101,9 +101,9 @@ def canvas_presence(
     styles: list[list[str]],
     layouts: list[dict[str, str]],
 ) -> list[dict[str, Any]]:
-    """Per canvas: the prompted and the judged object of each slot and the styles seen, whether each slot holds
-    its prompted object and each prompted style shows, and whether every LoRA concept (the
-    objects and styles in the prompt's layout) is there."""
+    """Per canvas: the prompted and the judged object of each slot, the styles seen, whether each
+    slot holds its prompted object and each prompted style shows, and whether every LoRA concept
+    (the objects and styles in the prompt's layout) is there."""
     seen = slot_objects(judge, canvases)
     seen_styles = {style: check(canvases).tolist() for style, check in CANVAS_STYLE_CHECKS.items()}
     records = []
