@@ -5,7 +5,7 @@
 # every method (base alone, merge, switch, composite, CLoRA, LoRA-Composer with and without its
 # isolation), judged, and tabulated; then CLoRA and LoRA-Composer with a part left out in turn.
 # Usage: bash scripts/canvas_results.sh
-#   (about 45 minutes on 2 CPU cores with the base to train; finished steps are kept)
+#   (about an hour on 2 CPU cores with the base to train; finished steps are kept)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=runs/canvas_results  # logs; models go where the configs write them
@@ -15,12 +15,6 @@ source "$(dirname "$0")/timed.sh"
 D=configs/diffusion
 LORAS=runs/diffusion/canvas/loras
 
-# train once: a step whose output folder exists is kept (the configs never overwrite one)
-train() {
-  local name=$1 output=$2 config=$3
-  if [ -e "$output" ]; then echo "== $name: $output exists, kept"; return; fi
-  timed "$name" $PY -m lightning_moe fit --config "$config"
-}
 train canvas-base runs/diffusion/canvas/base/unet $D/canvas_base.yaml
 train canvas-judge runs/judges/canvas_judge configs/judges/canvas_judge.yaml
 # a second judge (other seeds), to see how much the verdicts on generated canvases depend on it

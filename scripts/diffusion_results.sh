@@ -13,12 +13,6 @@ mkdir -p "$OUT"
 source "$(dirname "$0")/timed.sh"
 D=configs/diffusion
 
-# train once: a step whose output folder exists is kept (the configs never overwrite one)
-train() {
-  local name=$1 output=$2 config=$3
-  if [ -e "$output" ]; then echo "== $name: $output exists, kept"; return; fi
-  timed "$name" $PY -m lightning_moe fit --config "$config"
-}
 train base runs/diffusion/base/unet $D/base_fashion.yaml
 train judge runs/judges/concept_judge configs/judges/concept_judge.yaml
 for lora in digit inverted framed; do train "lora-$lora" runs/diffusion/loras/$lora $D/lora_$lora.yaml; done

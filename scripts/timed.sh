@@ -13,6 +13,14 @@ timed() {
   touch "$OUT/$name.done"
 }
 
+# train NAME OUTPUT CONFIG: fit CONFIG once; a run whose OUTPUT folder exists is kept (the
+# configs never overwrite one)
+train() {
+  local name=$1 output=$2 config=$3
+  if [ -e "$output" ]; then echo "== $name: $output exists, kept"; return; fi
+  timed "$name" $PY -m lightning_moe fit --config "$config"
+}
+
 # fit NAME SEED ARGS...: one run in $OUT/NAME/s<SEED>
 fit() {
   local name=$1 seed=$2
