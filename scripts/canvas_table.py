@@ -31,7 +31,7 @@ from scipy.stats import binomtest
 from lightning_moe.data.canvas import CANVAS_STYLES, SLOTS, CanvasDataModule
 from lightning_moe.data.captioned_images import StyledImageDataModule
 from lightning_moe.tasks.diffusion.concept_judge import load_concept_judge
-from lightning_moe.tasks.diffusion.presence import canvas_presence
+from lightning_moe.tasks.diffusion.presence import INK_LEVEL, MIN_INK, canvas_presence
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
@@ -106,23 +106,37 @@ def real_canvas_records(judge, concept_source: str, styles: list[str], count: in
         return canvas_presence(judge, images, slots, [list(styles)] * count, layouts)
 
 
-def print_judge_on_tiles(judge_path: Path) -> None:
-    """How often the judge names the object of a held-out 24 px tile, over all and per object."""
-    judge = load_concept_judge(judge_path)
+def print_judges_on_tiles(judge_paths: list[Path]) -> None:
+    """How often each judge names the object of a held-out 24 px tile, over all and per object,
+    and how much ink real tiles have (a slot with less than MIN_INK holds nothing)."""
     data = StyledImageDataModule(["fashion-mnist", "mnist-5k", "textile"], [], image_size=24, val_size=1000)
     data.setup("validate")
     tiles = data.splits["val"]
-    with torch.no_grad():
-        named = torch.cat(
-            [judge.judge(tiles.images[i : i + 500])["object"] for i in range(0, len(tiles), 500)]
+    for judge_path in judge_paths:
+        judge = load_concept_judge(judge_path)
+        with torch.no_grad():
+            named = torch.cat(
+                [judge.judge(tiles.images[i : i + 500])["object"] for i in range(0, len(tiles), 500)]
+            )
+        right = (named == tiles.objects).float()
+        per_object = [
+            f"{name} {100 * right[tiles.objects == k].mean():.0f}"
+            for k, name in enumerate(judge.object_names)
+        ]
+        print(
+            f"{judge_path.name} on {len(tiles)} held-out tiles: {100 * right.mean():.1f} % right; "
+            + ", ".join(per_object)
         )
-    right = (named == tiles.objects).float()
-    per_object = [
-        f"{name} {100 * right[tiles.objects == k].mean():.0f}" for k, name in enumerate(judge.object_names)
-    ]
+    ink = (tiles.images > INK_LEVEL).flatten(1).float().mean(-1)
+    names = tiles.object_names
+    groups = {
+        "Fashion-MNIST": tiles.objects < names.index("handwritten digit"),
+        "MNIST-5k": tiles.objects == names.index("handwritten digit"),
+        "textile": tiles.objects == names.index("textile swatch"),
+    }
+    shares = [f"{source} {100 * ink[chosen].quantile(0.01):.1f} %" for source, chosen in groups.items()]
     print(
-        f"{judge_path.name} on {len(tiles)} held-out tiles: {100 * right.mean():.1f} % right; "
-        + ", ".join(per_object)
+        f"ink share of real tiles, 1st percentile: {', '.join(shares)} (a slot needs {100 * MIN_INK:.0f} %)"
     )
     print()
 
@@ -256,7 +270,7 @@ def main() -> None:
     parser.add_argument("--second-judge", type=Path, help="re-judge every composition with this judge too")
     parser.add_argument("--figures", type=Path, help="write each prompt set's method rows in this folder")
     arguments = parser.parse_args()
-    print_judge_on_tiles(arguments.judge)
+    print_judges_on_tiles([arguments.judge] + ([arguments.second_judge] if arguments.second_judge else []))
     print_judge_on_real_canvases(arguments.judge)
     print_single_concepts(arguments.root / "single")
     print_compositions(arguments.root)

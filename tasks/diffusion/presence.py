@@ -25,8 +25,8 @@ from lightning_moe.errors import UserInputError
 from lightning_moe.tasks.diffusion.concept_judge import ConceptJudge
 
 EMPTY = "nothing"
-# a slot holds an object only if this share of its pixels is brighter than INK_LEVEL: the real
-# 24 px tiles have at least 7.6 % (the 1st percentile of Fashion-MNIST, MNIST-5k and textile)
+# a slot holds an object only if this share of its pixels is brighter than INK_LEVEL: the 1st
+# percentile of real 24 px tiles is 7.6 % or more for each source (scripts/canvas_table.py)
 INK_LEVEL = -0.5
 MIN_INK = 0.03
 CANVAS_STYLE_CHECKS = {"framed": shows_frame}
